@@ -1,0 +1,5 @@
+import sys
+
+from lmkiln.cli import main
+
+sys.exit(main())

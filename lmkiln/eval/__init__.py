@@ -1,0 +1,1 @@
+"""Quality evaluation: perplexity of reference, RTN and AWQ models, and the quality gate."""

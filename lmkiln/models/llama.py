@@ -1,0 +1,181 @@
+"""A short, readable Llama-family model (Llama, Mistral, Qwen2) with HF parameter names.
+
+One definition serves calibration, AWQ search, perplexity evaluation and (later) the engine. Parameter
+names match HF's (``model.layers.3.self_attn.q_proj.weight``), so checkpoints load without renaming.
+The rotary embedding comes from transformers, which knows every rope scaling variant.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmkiln.models.checkpoint import Checkpoint
+from lmkiln.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x``: [B, H, T, D]; ``cos``/``sin``: [B, T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    # (parent attribute, linear names) of every quantizable linear, in HF naming.
+    LINEARS = (
+        ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    )
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def named_linears(self) -> dict[str, nn.Linear]:
+        return {f"{p}.{n}": getattr(getattr(self, p), n) for p, names in self.LINEARS for n in names}
+
+    @classmethod
+    def from_checkpoint(
+        cls, ckpt: Checkpoint, index: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> DecoderLayer:
+        with torch.device("meta"):
+            layer = cls(ckpt.config)
+        prefix = f"model.layers.{index}."
+        state = {}
+        for name, p in layer.named_parameters():
+            full = prefix + name
+            if name.endswith(".weight") and ckpt.is_awq(full[: -len(".weight")]):
+                state[name] = ckpt.linear_weight(full[: -len(".weight")], dtype)
+            else:
+                state[name] = ckpt.get(full, dtype)
+            _check_shape(full, state[name], p)
+        layer.load_state_dict(state, assign=True)
+        return layer.to(device)
+
+
+def _check_shape(name: str, t: torch.Tensor, p: torch.Tensor) -> None:
+    from lmkiln.errors import ModelError
+
+    if tuple(t.shape) != tuple(p.shape):
+        raise ModelError(
+            f"tensor {name} has shape {tuple(t.shape)} but config.json implies {tuple(p.shape)}: "
+            "the checkpoint and its config do not match"
+        )
+
+
+class Rotary(nn.Module):
+    """cos/sin tables from transformers' rotary embedding (handles llama3/linear/dynamic/yarn scaling)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        self.impl = LlamaRotaryEmbedding(cfg.hf_config)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        dummy = torch.empty(0, dtype=dtype, device=positions.device)
+        return self.impl(dummy, positions)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, V]`` for a batch of full sequences starting at position 0."""
+        b, t = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin)
+        return self.lm_head(self.model.norm(x))
+
+    @classmethod
+    def from_checkpoint(
+        cls, ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> CausalLM:
+        cfg = ckpt.config
+        with torch.device("meta"):
+            model = cls(cfg)
+        layers = [DecoderLayer.from_checkpoint(ckpt, i, dtype, device) for i in range(cfg.num_layers)]
+        model.model.layers = nn.ModuleList(layers)
+        embed = ckpt.get("model.embed_tokens.weight", dtype)
+        _check_shape("model.embed_tokens.weight", embed, model.model.embed_tokens.weight)
+        model.model.embed_tokens.load_state_dict({"weight": embed}, assign=True)
+        model.model.norm.load_state_dict({"weight": ckpt.get("model.norm.weight", dtype)}, assign=True)
+        head = embed if cfg.tie_word_embeddings or "lm_head.weight" not in ckpt else ckpt.get(
+            "lm_head.weight", dtype)
+        model.lm_head.load_state_dict({"weight": head}, assign=True)
+        model.rotary = Rotary(cfg)
+        return model.to(device).eval()

@@ -1,0 +1,1 @@
+"""Quantization: calibration statistics, AWQ scale/clip search, RTN, AutoAWQ format and packing."""

@@ -1,0 +1,95 @@
+"""`snakemake quantize` end to end on the real small model (tiny calibration and evaluation)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+
+
+def _write_config(workdir: Path, model: Path, **quant) -> None:
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["model"] = str(model)
+    config["calib"].update(samples=4, seqlen=128)
+    config["quant"].update(search_tokens=256, stat_tokens=512, **quant)
+    config["eval"].update(tokens=1024, window=256, max_ppl_increase=1.0)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def _jobs(dry_run: subprocess.CompletedProcess) -> set[str]:
+    """Rule names a dry run would execute (from its job-stats table)."""
+    out, jobs, in_table = dry_run.stdout + dry_run.stderr, set(), False
+    for line in out.splitlines():
+        if line.startswith("job ") and "count" in line:
+            in_table = True
+        elif in_table and line.strip() and not line.startswith("-"):
+            name = line.split()[0]
+            if name == "total":
+                break
+            jobs.add(name)
+    return jobs
+
+
+def test_config_is_validated(tmp_path, tiny_llama_dir):
+    _write_config(tmp_path, tiny_llama_dir)
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["quant"]["w_bits"] = 3
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    r = _snakemake(tmp_path, "-n", "quantize")
+    assert r.returncode != 0 and "w_bits" in r.stderr + r.stdout
+
+
+def test_dry_run_plans_the_pipeline(tmp_path, tiny_llama_dir):
+    _write_config(tmp_path, tiny_llama_dir)
+    r = _snakemake(tmp_path, "-n", "quantize")
+    assert r.returncode == 0, r.stderr
+    assert _jobs(r) == {"prepare_texts", "calibrate", "awq", "evaluate", "quantize"}
+
+
+@pytest.mark.slow
+def test_quantize_end_to_end_then_incremental(tmp_path, smollm2_dir):
+    _write_config(tmp_path, smollm2_dir, w_group_size=64)
+    r = _snakemake(tmp_path, "quantize")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = tmp_path / "results" / smollm2_dir.name
+    report = json.loads((results / "eval" / "ppl.json").read_text())
+    for text in ("pride_and_prejudice", "wiki_sample"):
+        res = report["results"][text]
+        assert res["reference"] < res["awq"] < res["rtn"]
+    manifest = json.loads((results / "awq" / "manifest.json").read_text())
+    assert manifest["group_size"] == 64 and manifest["calibration"]["samples"] == 4
+    for rule in ("calibrate", "awq", "evaluate"):
+        assert (tmp_path / "logs" / smollm2_dir.name / f"{rule}.log").is_file()
+        assert (tmp_path / "benchmarks" / smollm2_dir.name / f"{rule}.tsv").is_file()
+    assert "quality gate: passed" in r.stdout + r.stderr  # the end-of-run summary
+
+    # Nothing changed: nothing reruns.
+    assert _jobs(_snakemake(tmp_path, "-n", "quantize")) == set()
+
+    # A rebuild from the same inputs is byte-identical.
+    first = results / "awq.first"
+    shutil.copytree(results / "awq", first)
+    r = _snakemake(tmp_path, "quantize", "--forcerun", "awq")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in first.iterdir():
+        assert f.read_bytes() == (results / "awq" / f.name).read_bytes(), f.name
+    shutil.rmtree(first)
+
+    # A quantization setting changed: AWQ and the evaluation rerun, calibration does not.
+    _write_config(tmp_path, smollm2_dir, w_group_size=32)
+    assert _jobs(_snakemake(tmp_path, "-n", "quantize")) == {"awq", "evaluate", "quantize"}
