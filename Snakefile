@@ -9,6 +9,10 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/quantize.smk"
 
 
+localrules:
+    quantize,
+
+
 rule quantize:
     """Build the AWQ artifact of the configured model and pass its quality gate."""
     input:

@@ -143,6 +143,12 @@ def cmd_bench_kernels(a: argparse.Namespace) -> None:
     sys.exit(bench_main(a.rest))
 
 
+def cmd_bench_quantize(a: argparse.Namespace) -> None:
+    from lmkiln.bench.quantize import main as bench_main
+
+    sys.exit(bench_main(a.rest))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmkiln", description=__doc__.splitlines()[0])
     p.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
@@ -218,11 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
                       add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_bench_kernels)
+    s = bn.add_parser("quantize", help="quantize pipeline time and memory (CPU build, synthetic 7B on GPU)",
+                      add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_bench_quantize)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "rest"):  # `lmkiln bench ...` hands every remaining argument to the benchmark
+        args.rest = extra + args.rest
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], None] = args.func

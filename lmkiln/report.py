@@ -11,10 +11,10 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
-def _rule_times(bench_dir: Path) -> dict[str, tuple[float, float]]:
+def rule_times(bench_dir: Path, recursive: bool = False) -> dict[str, tuple[float, float]]:
     """rule -> (seconds, peak RSS MiB) from Snakemake ``benchmark:`` files."""
     out = {}
-    for tsv in sorted(bench_dir.glob("*.tsv")):
+    for tsv in sorted(bench_dir.rglob("*.tsv") if recursive else bench_dir.glob("*.tsv")):
         with tsv.open() as f:
             rows = list(csv.DictReader(f, delimiter="\t"))
         if rows:
@@ -25,7 +25,7 @@ def _rule_times(bench_dir: Path) -> dict[str, tuple[float, float]]:
 
 def quantize_summary(results_dir: Path, bench_dir: Path) -> str:
     lines = [f"lmkiln quantize: {results_dir}"]
-    times = _rule_times(bench_dir)
+    times = rule_times(bench_dir)
     if times:
         lines.append("  step          time (s)   peak RSS (MiB)")
         lines += [f"  {rule:<12} {s:>9.1f} {rss:>15.0f}" for rule, (s, rss) in times.items()]

@@ -150,8 +150,8 @@ def load_text(
             raise DataError(
                 f"{source!r} is a prepared text but "
                 + (f"{text_dir} does not hold it" if text_dir else "no text directory was given")
-                + "; prepare the texts (`snakemake texts`, lmkiln.data.texts.prepare_texts) and pass "
-                "their directory (resources/text)"
+                + "; prepare the texts (`snakemake prepare_texts` or `lmkiln data prepare-texts DIR`) "
+                "and pass their directory (resources/text)"
             )
         if not path.exists():
             names = sorted({*LMDEPLOY_DATASETS, *PREPARED_NAMES, *prepared})

@@ -3,9 +3,17 @@
 One definition serves calibration, AWQ search, perplexity evaluation and (later) the engine. Parameter
 names match HF's (``model.layers.3.self_attn.q_proj.weight``), so checkpoints load without renaming.
 The rotary embedding comes from transformers, which knows every rope scaling variant.
+
+Two forward paths share the weights: ``forward(input_ids)`` runs whole sequences from position 0 (calibration,
+evaluation), and ``forward_paged`` runs the engine's flattened batch of new tokens against a paged KV cache:
+each attention layer hands its q/k/v to an attention *backend* (``lmkiln.engine.attention``) that writes K/V
+into the cache and attends over it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +67,19 @@ class Attention(nn.Module):
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
+    def forward_paged(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any, meta: Any, backend: Any
+    ) -> torch.Tensor:
+        """``x [T, hidden]`` (new tokens of several sequences), ``cos``/``sin`` ``[T, head_dim]``."""
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        out = backend.forward(q, k, v, cache, meta, self.head_dim**-0.5)
+        return self.o_proj(out.reshape(t, -1))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -87,6 +108,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward_paged(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any, meta: Any, backend: Any
+    ) -> torch.Tensor:
+        h = x + self.self_attn.forward_paged(self.input_layernorm(x), cos, sin, cache, meta, backend)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def named_linears(self) -> dict[str, nn.Linear]:
@@ -160,6 +187,30 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin)
         return self.lm_head(self.model.norm(x))
+
+    def forward_paged(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: Sequence[Any],
+        meta: Any,
+        backend: Any,
+    ) -> torch.Tensor:
+        """Final hidden states ``[T, hidden]`` of a flattened batch of new tokens.
+
+        ``input_ids``/``positions`` ``[T]``; ``kv_caches[i]`` is layer ``i``'s cache and ``meta`` the step's
+        attention metadata, both interpreted only by ``backend`` (see ``lmkiln.engine.attention``). Pass
+        the rows that need logits to :meth:`compute_logits`.
+        """
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions.unsqueeze(0), x.dtype)
+        cos, sin = cos[0], sin[0]
+        for layer, cache in zip(self.model.layers, kv_caches, strict=True):
+            x = layer.forward_paged(x, cos, sin, cache, meta, backend)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
 
     @classmethod
     def from_checkpoint(

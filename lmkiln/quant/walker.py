@@ -36,6 +36,8 @@ class LayerWalker:
     def __init__(self, ckpt: Checkpoint, tokens: torch.Tensor, device: torch.device,
                  batch_size: int = 8) -> None:
         self.ckpt, self.device, self.batch_size = ckpt, device, batch_size
+        if device.type == "cuda":  # TF32 matmuls: ample precision for statistics and loss comparisons
+            torch.set_float32_matmul_precision("high")
         embed = ckpt.get("model.embed_tokens.weight", torch.float32)
         self.x = torch.nn.functional.embedding(tokens, embed).to(device)
         del embed
@@ -43,6 +45,7 @@ class LayerWalker:
         rotary = Rotary(ckpt.config).to(device)
         self.cos, self.sin = rotary(torch.arange(t, device=device).unsqueeze(0), torch.float32)
 
+    @torch.no_grad()
     def forward(self, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
         """Layer output for many sequences, in batches to bound the attention's memory."""
         outs = [layer(x[i : i + self.batch_size], self.cos, self.sin)
@@ -52,6 +55,7 @@ class LayerWalker:
     def __iter__(self) -> Iterator[LayerStep]:
         for i in range(self.ckpt.config.num_layers):
             layer = DecoderLayer.from_checkpoint(self.ckpt, i, torch.float32, self.device)
+            layer.requires_grad_(False)
             step = LayerStep(i, layer, self.x, self.cos, self.sin)
             yield step
             self.x = step.x

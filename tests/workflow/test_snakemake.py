@@ -58,7 +58,7 @@ def test_dry_run_plans_the_pipeline(tmp_path, tiny_llama_dir):
     _write_config(tmp_path, tiny_llama_dir)
     r = _snakemake(tmp_path, "-n", "quantize")
     assert r.returncode == 0, r.stderr
-    assert _jobs(r) == {"prepare_texts", "calibrate", "awq", "evaluate", "quantize"}
+    assert _jobs(r) == {"prepare_texts", "calibrate", "awq", "evaluate", "pack", "quantize"}
 
 
 @pytest.mark.slow
@@ -73,7 +73,9 @@ def test_quantize_end_to_end_then_incremental(tmp_path, smollm2_dir):
         assert res["reference"] < res["awq"] < res["rtn"]
     manifest = json.loads((results / "awq" / "manifest.json").read_text())
     assert manifest["group_size"] == 64 and manifest["calibration"]["samples"] == 4
-    for rule in ("calibrate", "awq", "evaluate"):
+    packed = json.loads((results / "packed" / "manifest.json").read_text())
+    assert packed["kind"] == "packed" and packed["group_size"] == 64
+    for rule in ("calibrate", "awq", "evaluate", "pack"):
         assert (tmp_path / "logs" / smollm2_dir.name / f"{rule}.log").is_file()
         assert (tmp_path / "benchmarks" / smollm2_dir.name / f"{rule}.tsv").is_file()
     assert "quality gate: passed" in r.stdout + r.stderr  # the end-of-run summary
@@ -92,4 +94,4 @@ def test_quantize_end_to_end_then_incremental(tmp_path, smollm2_dir):
 
     # A quantization setting changed: AWQ and the evaluation rerun, calibration does not.
     _write_config(tmp_path, smollm2_dir, w_group_size=32)
-    assert _jobs(_snakemake(tmp_path, "-n", "quantize")) == {"awq", "evaluate", "quantize"}
+    assert _jobs(_snakemake(tmp_path, "-n", "quantize")) == {"awq", "evaluate", "pack", "quantize"}

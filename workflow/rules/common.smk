@@ -37,7 +37,7 @@ def device_flag():
 
 
 def quantize_targets():
-    return [f"results/{MODEL}/awq", f"results/{MODEL}/eval/ppl.json"]
+    return [f"results/{MODEL}/awq", f"results/{MODEL}/eval/ppl.json", f"results/{MODEL}/packed"]
 
 
 def print_summary():

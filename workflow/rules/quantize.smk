@@ -70,3 +70,17 @@ rule evaluate:
         "lmkiln eval ppl {params.model_dir} {input.awq} --texts {params.texts} --text-dir {TEXT_DIR} "
         "--tokens {params.eval[tokens]} --window {params.eval[window]} {params.bos} "
         "--max-ppl-increase {params.eval[max_ppl_increase]} --out {output} > {log} 2>&1"
+
+
+rule pack:
+    """TurboMind-style packed int4 layout for the W4A16 kernels (results/<model>/packed/)."""
+    input:
+        rules.awq.output[0],
+    output:
+        directory("results/{model}/packed"),
+    log:
+        "logs/{model}/pack.log",
+    benchmark:
+        "benchmarks/{model}/pack.tsv"
+    shell:
+        "lmkiln lite pack {input} {output} > {log} 2>&1"

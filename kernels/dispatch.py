@@ -1,0 +1,213 @@
+"""Shape-based kernel choice, per-GPU tuned tables and the ``lmkiln::w4a16_mm`` custom op.
+
+Serving never autotunes: :func:`choose_config` reads ``kernels/tuned/<gpu>.json`` (written by
+``lmkiln bench kernels --tune``) once per device name and falls back to a heuristic for shapes or GPUs that
+have no entry. The op is registered with ``torch.library.custom_op`` (+ a fake implementation), so CUDA
+graphs and ``torch.compile`` capture it; on the CPU it runs the pure-torch reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lmkiln.kernels.reference import check_w4a16_inputs, w4a16_matmul_ref
+
+from lmkiln.errors import QuantConfigError
+from lmkiln.quant.pack import PACK_K, PACK_N
+
+log = logging.getLogger(__name__)
+
+TUNED_DIR = Path(__file__).resolve().parent / "tuned"
+FMA_MAX_M = 8  # the CUDA-core kernel's largest row block (kind "fma")
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _triton_mod():
+    from lmkiln.kernels import w4a16
+
+    return w4a16
+
+
+def device_slug(name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia_h100_80gb_hbm3"`` (the tuned table's file stem)."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+@dataclass(frozen=True)
+class TunedEntry:
+    n: int
+    k: int
+    group_size: int
+    dtype: str
+    m_max: int
+    config: dict
+
+
+@functools.cache
+def load_tuned(device_name: str) -> tuple[TunedEntry, ...]:
+    """Entries of ``kernels/tuned/<slug>.json`` for this GPU (empty when there is no file)."""
+    path = TUNED_DIR / f"{device_slug(device_name)}.json"
+    if not path.is_file():
+        log.info("no tuned kernel table for %r (%s): using heuristic configs", device_name, path.name)
+        return ()
+    try:
+        data = json.loads(path.read_text())
+        entries = tuple(
+            TunedEntry(
+                int(e["n"]),
+                int(e["k"]),
+                int(e["group_size"]),
+                str(e["dtype"]),
+                int(e["m_max"]),
+                dict(e["config"]),
+            )
+            for e in data["entries"]
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise QuantConfigError(
+            f"tuned kernel table {path} is unreadable ({e}); delete it or re-run "
+            "`lmkiln bench kernels --tune`"
+        ) from e
+    return tuple(sorted(entries, key=lambda e: (e.n, e.k, e.group_size, e.dtype, e.m_max)))
+
+
+def _divisor_block(n: int, prefs: tuple[int, ...]) -> int:
+    for b in prefs:
+        if n % b == 0:
+            return b
+    return PACK_N
+
+
+def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int = 132, fma: bool = True):
+    """A config without a tuned table, shaped like what won on the H100/H200 (see notes/kernels.md):
+    M <= 8 the CUDA-core ``fma`` kernel (every dequantized weight reused across the rows; ``fma=False``, used
+    for bf16 whose fma path has no packed-fp16 arithmetic: the M == 1 GEMV), M <= 64 zero-folding tensor-core
+    tiles of 16 rows with split-K to fill the GPU, larger M dequantize + cuBLAS."""
+    w4a16 = _triton_mod()
+    n_chunks = k // PACK_K
+
+    def split_for(tiles: int, ctas_per_sm: int = 2) -> int:
+        return max(1, min(n_chunks, 16, round(ctas_per_sm * sm_count / tiles)))
+
+    if m == 1 and not fma:
+        bn = _divisor_block(n, (256, 128, 64, 32))
+        return w4a16.KernelConfig(
+            kind="gemv", block_n=bn, split_k=split_for(n // bn), num_warps=8 if bn == 256 else 4, num_stages=3
+        )
+    if m <= FMA_MAX_M and fma:
+        bm = 1 << (m - 1).bit_length()
+        bn = 128 if n % 128 == 0 else PACK_N
+        warps = 4 if bn == 128 else 1
+        return w4a16.KernelConfig(
+            kind="fma",
+            block_m=bm,
+            block_n=bn,
+            split_k=split_for(n // bn, 6),
+            num_warps=warps,
+            num_stages=1,
+            flush=2 if bm <= 2 else 4,
+        )
+    if m <= 64:
+        bn = _divisor_block(n, (128, 64, 32))
+        tiles = (n // bn) * -(-m // 16)
+        return w4a16.KernelConfig(
+            kind="mma",
+            block_m=16,
+            block_n=bn,
+            split_k=split_for(tiles),
+            num_warps=4,
+            num_stages=1,
+            zfold=True,
+            join=True,
+        )
+    return w4a16.KernelConfig(kind="dequant_mm", block_n=_divisor_block(n, (64, 32)), num_warps=4)
+
+
+def choose_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, device: torch.device):
+    """The launch configuration for one GEMM (tuned table entry, else heuristic)."""
+    w4a16 = _triton_mod()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    entries = load_tuned(name)
+    dname = DTYPE_NAMES.get(dtype, "float16")
+    for want_dtype in (dname, "float16"):
+        cands = [e for e in entries if (e.n, e.k, e.group_size, e.dtype) == (n, k, group_size, want_dtype)]
+        if cands:
+            pick = next((e for e in cands if e.m_max >= m), cands[-1])
+            cfg = w4a16.KernelConfig.from_dict(pick.config)
+            if (cfg.kind == "gemv" and m != 1) or (cfg.kind == "fma" and dtype == torch.bfloat16):
+                continue
+            return cfg
+    sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return heuristic_config(m, n, k, group_size, sm, fma=dtype != torch.bfloat16)
+
+
+def w4a16_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    sz: torch.Tensor,
+    zeros: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+    config=None,
+) -> torch.Tensor:
+    """``x @ W`` for activations ``[..., K]`` (fp16/bf16, contiguous) and a packed weight -> ``[..., N]``.
+
+    CUDA tensors run the Triton kernels (chosen by :func:`choose_config` unless ``config`` is given);
+    CPU tensors run the reference (or the Triton interpreter when ``TRITON_INTERPRET=1`` and a config is
+    given). ``zeros``: the packed uint8 zero points (enables the zero-folding small-M mode). ``scratch``:
+    zeroed int32 split-K counters (see ``make_scratch``); allocated per call if None.
+    """
+    if x.dtype not in DTYPE_NAMES:
+        raise QuantConfigError(f"W4A16 activations must be float16 or bfloat16, got {x.dtype}")
+    if not x.is_contiguous():
+        raise QuantConfigError(
+            f"W4A16 activations must be contiguous (shape {tuple(x.shape)}, strides {x.stride()}); "
+            "call .contiguous() first"
+        )
+    k = qweight.shape[1] * 8 if qweight.dim() == 3 else -1
+    if x.shape[-1] != k:
+        raise QuantConfigError(f"activation has {x.shape[-1]} features but the packed weight expects K={k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x.device.type != "cuda" and config is None:
+        check_w4a16_inputs(x2, qweight, sz, zeros)
+        return w4a16_matmul_ref(x, qweight, sz)
+    w4a16 = _triton_mod()
+    m, n, _, g = w4a16.check_inputs(x2, qweight, sz, zeros)
+    if m == 0:
+        return x.new_empty((*lead, n))
+    cfg = config or choose_config(m, n, k, g, x.dtype, x.device)
+    if cfg.kind == "gemv" and m != 1:
+        cfg = heuristic_config(m, n, k, g)
+    if cfg.kind == "fma" and zeros is None:  # fma reads the integer zero points
+        cfg = heuristic_config(max(m, 16), n, k, g)
+    if cfg.zfold and cfg.kind == "mma" and zeros is None:
+        cfg = dataclasses.replace(cfg, zfold=False)
+    y = w4a16.LAUNCHERS[cfg.kind](x2, qweight, sz, zeros, cfg, scratch)
+    return y.reshape(*lead, n)
+
+
+@torch.library.custom_op("lmkiln::w4a16_mm", mutates_args=())
+def w4a16_mm(
+    x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, zeros: torch.Tensor, scratch: torch.Tensor
+) -> torch.Tensor:
+    """Registered op: ``x [..., K] @ W -> [..., N]``. ``scratch`` holds split-K counters that every launch
+    leaves zeroed again, so the op has no visible side effect."""
+    return w4a16_matmul(x, qweight, sz, zeros, scratch if scratch.numel() else None)
+
+
+@w4a16_mm.register_fake
+def _w4a16_mm_fake(
+    x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, zeros: torch.Tensor, scratch: torch.Tensor
+) -> torch.Tensor:
+    if qweight.dim() != 3 or x.shape[-1] != qweight.shape[1] * 8:
+        raise QuantConfigError(
+            f"activation {tuple(x.shape)} does not match packed weight {tuple(qweight.shape)}"
+        )
+    return x.new_empty((*x.shape[:-1], qweight.shape[0] * PACK_N))

@@ -1,0 +1,1 @@
+"""Benchmarks: kernel timings against baselines and the hardware floor."""

@@ -1,0 +1,5 @@
+"""Model building blocks over lmkiln's kernels."""
+
+from lmkiln.layers.linear import Int4Linear
+
+__all__ = ["Int4Linear"]

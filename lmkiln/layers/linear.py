@@ -1,0 +1,101 @@
+"""``Int4Linear``: a linear layer over packed int4 weights (layout ``lmkiln-w4-tiled`` v1).
+
+On CUDA the forward pass calls the ``lmkiln::w4a16_mm`` custom op (Triton kernels; capturable by CUDA graphs
+and ``torch.compile``); on the CPU it runs the pure-torch reference.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from lmkiln.errors import ArtifactError, QuantConfigError
+from lmkiln.quant.pack import check_packed_tensors
+
+log = logging.getLogger(__name__)
+
+SCRATCH_TILES = 1 << 14  # split-K counters; 64 KiB per layer on the GPU
+
+
+class Int4Linear(nn.Module):
+    """``y = x @ W + b`` with ``W [K, N]`` stored as packed int4 codes, fp16 ``(s, -z*s)`` pairs and zeros."""
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        sz: torch.Tensor,
+        zeros: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        in_features: int | None = None,
+    ) -> None:
+        super().__init__()
+        try:
+            k, n, g = check_packed_tensors(qweight, sz, zeros)
+        except ArtifactError as e:
+            raise QuantConfigError(str(e)) from e
+        if bias is not None and tuple(bias.shape) != (n,):
+            raise QuantConfigError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
+        if in_features is not None and not 0 < in_features <= k:
+            raise QuantConfigError(f"in_features={in_features} does not fit the packed K={k}")
+        # The packer pads K up to the layout's chunk with zero weights; activations get zero-padded here.
+        self.in_features, self.packed_k, self.out_features, self.group_size = in_features or k, k, n, g
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("sz", sz.contiguous())
+        self.register_buffer("zeros", zeros.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.contiguous())
+        # split-K counters: zero, and every kernel launch leaves them zero; not part of the state dict
+        self.register_buffer("scratch", torch.zeros(0, dtype=torch.int32), persistent=False)
+
+    @classmethod
+    def from_packed(
+        cls, tensors: Mapping[str, torch.Tensor], prefix: str, in_features: int | None = None
+    ) -> Int4Linear:
+        """Build from a packed state dict (see ``lmkiln.quant.pack.load_packed``) and a layer prefix.
+
+        ``in_features``: the real K when the packer padded it (manifest ``padded_in_features``).
+        """
+        try:
+            qweight, sz, zeros = (tensors[f"{prefix}.{k}"] for k in ("qweight", "sz", "zeros"))
+        except KeyError as e:
+            raise ArtifactError(
+                f"packed checkpoint has no {e.args[0]}; is {prefix!r} a quantized linear?"
+            ) from None
+        return cls(qweight, sz, zeros, tensors.get(f"{prefix}.bias"), in_features)
+
+    def _apply(self, fn, recurse: bool = True):  # keep the scratch on the weights' device, sized for CUDA
+        out = super()._apply(fn, recurse)
+        if self.qweight.device.type == "cuda" and self.scratch.numel() != SCRATCH_TILES:
+            self.scratch = torch.zeros(SCRATCH_TILES, dtype=torch.int32, device=self.qweight.device)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise QuantConfigError(
+                f"Int4Linear expects {self.in_features} input features, got tensor of shape {tuple(x.shape)}"
+            )
+        if self.packed_k != self.in_features:
+            x = torch.nn.functional.pad(x, (0, self.packed_k - self.in_features))
+        if x.device.type == "cuda":
+            from lmkiln.kernels.dispatch import w4a16_mm
+
+            if self.scratch.device != x.device or self.scratch.numel() != SCRATCH_TILES:
+                self.scratch = torch.zeros(SCRATCH_TILES, dtype=torch.int32, device=x.device)
+            y = w4a16_mm(x.contiguous(), self.qweight, self.sz, self.zeros, self.scratch)
+        else:
+            from lmkiln.kernels.reference import w4a16_matmul_ref
+
+            if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                raise QuantConfigError(f"Int4Linear input must be a float tensor, got {x.dtype}")
+            y = w4a16_matmul_ref(x, self.qweight, self.sz)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )

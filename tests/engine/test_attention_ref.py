@@ -1,0 +1,102 @@
+"""Paged attention / KV write references against dense attention; KV quantization round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lmkiln.kernels.attention_ref import (
+    dequantize_kv_ref,
+    paged_attention_ref,
+    quantize_kv_ref,
+    write_kv_ref,
+)
+
+from lmkiln.engine.kv_cache import KVCache
+
+
+def _dense(q, k, v, start, scale):
+    """Queries at positions start.. over keys 0..start+len(q)-1, causal, GQA by repetition."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
+    pos_q = start + torch.arange(q.shape[0])[:, None]
+    s = s.masked_fill(torch.arange(k.shape[0])[None, :] > pos_q, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", s.softmax(-1), v.float())
+
+
+@pytest.mark.parametrize("bits", [0, 8, 4])
+def test_paged_attention_matches_dense_for_a_mixed_batch(bits) -> None:
+    gen = torch.Generator().manual_seed(0)
+    hq, hk, d, bs, nblocks = 4, 2, 16, 4, 40
+    cache = KVCache(1, nblocks, bs, hk, d, torch.float32, "cpu", quant_policy=bits)[0]
+    # (cached tokens before this step, new tokens): decode, prefill from scratch, chunk after a prefix
+    shapes = [(9, 1), (0, 7), (5, 6), (12, 1)]
+    free = torch.randperm(nblocks, generator=gen).tolist()
+    tables, full_k, full_v = [], [], []
+    for ctx, new in shapes:
+        n = ctx + new
+        tables.append([free.pop() for _ in range(-(-n // bs))])
+        full_k.append(torch.randn(n, hk, d, generator=gen))
+        full_v.append(torch.randn(n, hk, d, generator=gen))
+    # the cached prefix is written first, as earlier steps would have
+    for (ctx, _), table, k, v in zip(shapes, tables, full_k, full_v, strict=True):
+        if ctx:
+            slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(ctx)])
+            write_kv_ref(k[:ctx], v[:ctx], cache.k, cache.v, slots, cache.k_sz, cache.v_sz, bits)
+    qs = [torch.randn(new, hq, d, generator=gen) for _, new in shapes]
+    slots = torch.tensor(
+        [
+            t[p // bs] * bs + p % bs
+            for (ctx, new), t in zip(shapes, tables, strict=True)
+            for p in range(ctx, ctx + new)
+        ]
+    )
+    new_k = torch.cat([k[ctx:] for (ctx, _), k in zip(shapes, full_k, strict=True)])
+    new_v = torch.cat([v[ctx:] for (ctx, _), v in zip(shapes, full_v, strict=True)])
+    write_kv_ref(new_k, new_v, cache.k, cache.v, slots, cache.k_sz, cache.v_sz, bits)
+    width = max(map(len, tables))
+    block_tables = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32)
+    qsl = torch.tensor([0, *torch.tensor([n for _, n in shapes]).cumsum(0).tolist()], dtype=torch.int32)
+    lens = torch.tensor([c + n for c, n in shapes], dtype=torch.int32)
+    out = paged_attention_ref(
+        torch.cat(qs), cache.k, cache.v, block_tables, qsl, lens, d**-0.5, cache.k_sz, cache.v_sz, bits
+    )
+    if bits:  # attention over exactly the values the quantized cache holds
+        full_k = [dequantize_kv_ref(*quantize_kv_ref(k, bits), bits, torch.float32) for k in full_k]
+        full_v = [dequantize_kv_ref(*quantize_kv_ref(v, bits), bits, torch.float32) for v in full_v]
+    want = torch.cat(
+        [_dense(q, k, v, ctx, d**-0.5) for q, k, v, (ctx, _) in zip(qs, full_k, full_v, shapes, strict=True)]
+    )
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+
+
+def test_dense_reference_agrees_with_sdpa() -> None:
+    q, k, v = torch.randn(5, 4, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8)
+    sdpa = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
+    ).transpose(0, 1)
+    torch.testing.assert_close(_dense(q, k, v, 0, 8**-0.5), sdpa, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bits,max_err", [(8, 0.5 / 255 * 1.01), (4, 0.5 / 15 * 1.01)])
+def test_kv_quantization_error_is_half_a_step(bits, max_err) -> None:
+    x = torch.rand(64, 3, 32) * 2 - 1  # values span [-1, 1): one step is about 2 / qmax
+    q, sz = quantize_kv_ref(x, bits)
+    assert q.dtype == torch.uint8 and q.shape[-1] == (32 if bits == 8 else 16) and sz.shape == (64, 3, 2)
+    err = (dequantize_kv_ref(q, sz, bits, torch.float32) - x).abs()
+    step = sz[..., :1].float()
+    assert (err <= step * 0.5 + 1e-3).all()
+    assert err.max() < max_err * 2 + 1e-3
+
+
+def test_quantized_cache_capacity_ratios() -> None:
+    """int8 holds >= 1.9x and int4 >= 3.7x the tokens of an fp16 cache in the same memory (head_dim 128)."""
+    args = (32, 64, 8, 128)
+    fp16 = KVCache.bytes_per_block(*args, torch.float16, 0)
+    assert fp16 / KVCache.bytes_per_block(*args, torch.float16, 8) >= 1.9
+    assert fp16 / KVCache.bytes_per_block(*args, torch.float16, 4) >= 3.7
+    tiny = KVCache(2, 3, 4, 2, 8, torch.float16, "cpu", quant_policy=4)
+    assert tiny.nbytes() == sum(
+        t.numel() * t.element_size() for lc in tiny.layers for t in (lc.k, lc.v, lc.k_sz, lc.v_sz)
+    )

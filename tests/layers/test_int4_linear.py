@@ -1,0 +1,43 @@
+"""``Int4Linear``: loading from packed tensors, the CPU reference path and the CUDA op path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lmkiln.kernels.reference import w4a16_matmul_ref
+
+from lmkiln.errors import ArtifactError, QuantConfigError
+from lmkiln.layers import Int4Linear
+
+
+def test_from_packed_cpu_forward_any_leading_dims(make_packed) -> None:
+    p = make_packed(256, 96, 64)
+    bias = torch.randn(96).half()
+    lin = Int4Linear.from_packed({f"l.{k}": v for k, v in p.items()} | {"l.bias": bias}, "l")
+    assert (lin.in_features, lin.out_features, lin.group_size) == (256, 96, 64)
+    x = torch.randn(2, 3, 256).half()
+    y = lin(x)
+    assert y.shape == (2, 3, 96) and y.dtype == torch.float16
+    torch.testing.assert_close(y, w4a16_matmul_ref(x, p["qweight"], p["sz"]) + bias)
+    assert set(lin.state_dict()) == {"qweight", "sz", "zeros", "bias"}
+
+
+def test_from_packed_errors(make_packed) -> None:
+    p = make_packed(128, 64, 128)
+    with pytest.raises(ArtifactError, match=r"no l\.sz"):
+        Int4Linear.from_packed({"l.qweight": p["qweight"]}, "l")
+    with pytest.raises(QuantConfigError, match="bias"):
+        Int4Linear(p["qweight"], p["sz"], p["zeros"], torch.zeros(3))
+    with pytest.raises(QuantConfigError, match="sz"):
+        Int4Linear(p["qweight"], p["sz"].float(), p["zeros"])
+
+
+@pytest.mark.gpu
+def test_cuda_forward_matches_reference(make_packed) -> None:
+    p = make_packed(4096, 12288, 128, device="cuda")
+    lin = Int4Linear(p["qweight"], p["sz"], p["zeros"], torch.randn(12288, device="cuda").half())
+    for m in (1, 7, 64, 300):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+        ref = w4a16_matmul_ref(x.float(), p["qweight"], p["sz"]).double() + lin.bias.double()
+        y = lin(x)
+        assert float((y.double() - ref).norm() / ref.norm()) < 2e-3, m
