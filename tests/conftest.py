@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton kernels run through the interpreter on machines without CUDA. TRITON_INTERPRET must be set before
+# lmkiln.kernels.w4a16 is imported (triton.jit reads it when a kernel is defined): here, at collection.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESOURCES_MODEL = REPO_ROOT / "resources" / "models" / "SmolLM2-135M-Instruct"
@@ -46,8 +53,6 @@ def smollm2_tokenizer(smollm2_dir: Path):
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``gpu`` are skipped, with a reason, where no CUDA GPU is present."""
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none present)")
@@ -58,7 +63,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def write_tiny_model(path: Path, family: str = "llama", seed: int = 0, **overrides) -> Path:
     """A small random HF checkpoint written with ``save_pretrained`` (the real HF loading path)."""
-    import torch
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -109,3 +113,34 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_tiny_model():
     """``make_tiny_model(path, family="llama", **config_overrides) -> path``."""
     return write_tiny_model
+
+
+@pytest.fixture()
+def interpreted() -> None:
+    """Skip unless the Triton interpreter runs the kernels on CPU tensors (CUDA machines: gpu tests)."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU-interpreter test; the gpu-marked tests cover the kernels on this CUDA machine")
+    pytest.importorskip("triton")
+    from lmkiln.kernels import w4a16
+
+    if not isinstance(w4a16._mma_kernel, __import__("triton").runtime.interpreter.InterpretedFunction):
+        pytest.skip("lmkiln.kernels.w4a16 was imported before TRITON_INTERPRET=1 was set")
+
+
+def random_packed(
+    k: int, n: int, group_size: int, seed: int = 0, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Packed tensors of a random ``[K, N]`` int4 weight (codes, zeros and fp16 scales drawn uniformly)."""
+    from lmkiln.quant.pack import pack_codes
+
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (k, n), generator=g, dtype=torch.uint8)
+    zeros = torch.randint(0, 16, (k // group_size, n), generator=g, dtype=torch.uint8)
+    scales = (torch.rand((k // group_size, n), generator=g) * 0.02 + 0.004).half()
+    return {key: v.to(device) for key, v in pack_codes(codes, zeros, scales).items()}
+
+
+@pytest.fixture()
+def make_packed():
+    """``make_packed(k, n, group_size, seed=0, device="cpu") -> {"qweight", "sz", "zeros"}``."""
+    return random_packed

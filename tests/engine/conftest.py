@@ -97,3 +97,19 @@ def _hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -
 def hf_greedy() -> Callable[[Path, list[list[int]], int], list[list[int]]]:
     """``hf_greedy(model_dir, prompts, max_new_tokens) -> output token ids`` per prompt."""
     return _hf_greedy
+
+
+def run_to_completion(eng) -> dict:
+    """Step ``eng`` until no request is left; the final output of each request by id."""
+    final = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                final[o.request_id] = o
+    return final
+
+
+@pytest.fixture()
+def drain():
+    """:func:`run_to_completion`."""
+    return run_to_completion

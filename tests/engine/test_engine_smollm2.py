@@ -81,7 +81,9 @@ def test_batch_greedy_matches_transformers(smollm2_dir, smol, prompts, reference
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
 
 
-def test_session_turn_reuses_kv_and_matches_a_fresh_prompt(smollm2_dir, smol, smollm2_tokenizer) -> None:
+def test_session_turn_reuses_kv_and_matches_a_fresh_prompt(
+    smollm2_dir, smol, smollm2_tokenizer, drain
+) -> None:
     tok = smollm2_tokenizer
     eng = _engine(smollm2_dir, smol, prefix=False)
     p = SamplingParams(temperature=0, max_tokens=12)
@@ -92,27 +94,19 @@ def test_session_turn_reuses_kv_and_matches_a_fresh_prompt(smollm2_dir, smol, sm
         return_dict=True,
     )["input_ids"]
     t1 = eng.add_request(list(first), p, session_id="s")
-    out1 = _run(eng)[t1]
+    out1 = drain(eng)[t1]
     turn2 = tok("\n<|im_start|>user\nAnd another one?<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
     t2 = eng.add_request(turn2, p, session_id="s")
     seq_id = eng.scheduler.requests[t2].seq_id
     eng.step()
     assert eng.last_schedule.num_new_tokens(seq_id) == len(turn2) + 1  # the reply's last token + the new turn
-    out2 = _run(eng)[t2]
+    out2 = drain(eng)[t2]
     assert out2.num_cached_tokens == len(first) + len(out1.token_ids) - 1
     fresh = eng.generate([list(first) + out1.token_ids + turn2], p)[0]
     assert out2.token_ids == fresh.token_ids
     eng.end_session("s")
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
 
-
-def _run(eng: LLMEngine) -> dict:
-    final = {}
-    while eng.has_unfinished_requests():
-        for o in eng.step():
-            if o.finished:
-                final[o.request_id] = o
-    return final
 
 
 def test_quantized_kv_cache_tracks_the_fp_cache(smollm2_dir, smol, prompts) -> None:

@@ -81,30 +81,22 @@ def test_requests_join_a_running_batch(tiny_llama_dir, hf_greedy) -> None:
     assert [final[a], final[b]] == hf_greedy(tiny_llama_dir, [PROMPTS[0], PROMPTS[2]], 10)
 
 
-def test_session_turn_two_prefills_only_new_tokens(tiny_llama_dir) -> None:
+def test_session_turn_two_prefills_only_new_tokens(tiny_llama_dir, drain) -> None:
     eng = _engine(tiny_llama_dir, max_prefill_token_num=64, max_num_batched_tokens=64)
     p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     rid = eng.add_request(PROMPTS[0], p, session_id="chat")
-    out1 = _drain(eng)[rid]
+    out1 = drain(eng)[rid]
     new = [60, 61, 62, 63, 64]
     rid2 = eng.add_request(new, p, session_id="chat")
     outs = eng.step()
     assert eng.last_schedule.num_new_tokens(eng.scheduler.requests[rid2].seq_id) == len(new) + 1
-    out2 = {**{o.request_id: o for o in outs}, **_drain(eng)}[rid2]
+    out2 = {**{o.request_id: o for o in outs}, **drain(eng)}[rid2]
     assert out2.num_cached_tokens == len(PROMPTS[0]) + 6 - 1
     fresh = eng.generate([PROMPTS[0] + out1.token_ids + new], p)[0]
     assert out2.token_ids == fresh.token_ids
     assert eng.end_session("chat")
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
 
-
-def _drain(eng: LLMEngine) -> dict:
-    final = {}
-    while eng.has_unfinished_requests():
-        for o in eng.step():
-            if o.finished:
-                final[o.request_id] = o
-    return final
 
 
 def test_stop_strings_and_stop_token_ids(tiny_llama_dir) -> None:
