@@ -1,5 +1,6 @@
 # lmkiln: checkpoint -> calibration stats -> AWQ int4 -> quality gate.
-# Targets: `snakemake quantize`. Settings: config.yaml (schema: workflow/schemas/config.schema.yaml).
+# Targets: `snakemake quantize`; `snakemake serve` (the packed model behind the OpenAI API, in the
+# foreground). Settings: config.yaml (schema: workflow/schemas/config.schema.yaml).
 
 configfile: "config.yaml"
 
@@ -7,10 +8,12 @@ configfile: "config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/quantize.smk"
+include: "workflow/rules/serve.smk"
 
 
 localrules:
     quantize,
+    serve,
 
 
 rule quantize:

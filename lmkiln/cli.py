@@ -149,6 +149,70 @@ def cmd_bench_quantize(a: argparse.Namespace) -> None:
     sys.exit(bench_main(a.rest))
 
 
+def _add_engine_args(p: argparse.ArgumentParser, cache_default: str = "0.8") -> None:
+    p.add_argument("model_dir", type=Path, help="HF, AWQ or packed model directory")
+    p.add_argument("--model-format", choices=["hf", "awq"], default=None,
+                   help="hf | awq (default: what the directory's manifest.json says; a contradicting "
+                        "value is reported and the manifest wins)")
+    p.add_argument("--quant-policy", type=int, choices=[0, 4, 8], default=0,
+                   help="KV cache: 0 = fp, 8 = int8, 4 = int4")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (only 1 for now)")
+    p.add_argument("--cache-max-entry-count", default=cache_default,
+                   help="KV cache: a fraction of free memory (0.8) or a block count (512)")
+    p.add_argument("--session-len", type=int, default=None,
+                   help="longest sequence, all turns of a session (default: the model's context)")
+    p.add_argument("--max-batch-size", type=int, default=256, help="most sequences running at once")
+    p.add_argument("--enable-prefix-caching", action="store_true", help="reuse KV blocks of shared prefixes")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG | INFO | WARNING | ERROR")
+
+
+def _engine_options(a: argparse.Namespace):
+    from lmkiln.server.launch import EngineOptions, parse_cache_entry
+
+    try:
+        cache = parse_cache_entry(a.cache_max_entry_count)
+    except ValueError:
+        raise LmkilnError(
+            f"--cache-max-entry-count must be a number, got {a.cache_max_entry_count!r}") from None
+    return EngineOptions(a.model_dir, a.model_format, a.quant_policy, a.tp, cache, a.session_len,
+                         a.max_batch_size, a.enable_prefix_caching, a.device)
+
+
+def cmd_serve_api_server(a: argparse.Namespace) -> None:
+    from lmkiln.server.launch import serve_api_server
+
+    serve_api_server(_engine_options(a), a.server_name, a.server_port, a.api_keys,
+                     a.max_concurrent_requests, a.model_name, a.log_level, a.proxy_url)
+
+
+def cmd_serve_proxy(a: argparse.Namespace) -> None:
+    from lmkiln.server.proxy import serve_proxy
+
+    try:
+        serve_proxy(a.server_name, a.server_port, a.routing_strategy, a.nodes, a.health_interval,
+                    a.health_timeout, a.log_level)
+    except ValueError as e:
+        raise LmkilnError(str(e)) from e
+
+
+def cmd_bench_serve(a: argparse.Namespace) -> None:
+    from lmkiln.bench.serve import main as bench_main
+
+    sys.exit(bench_main(a.rest))
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    from lmkiln.engine import LLMEngine, SamplingParams
+    from lmkiln.server.chat import run_chat
+    from lmkiln.server.launch import engine_config
+
+    params = SamplingParams(max_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                            top_k=a.top_k, repetition_penalty=a.repetition_penalty)
+    engine = LLMEngine(engine_config(_engine_options(a)))
+    run_chat(engine, params, a.system)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmkiln", description=__doc__.splitlines()[0])
     p.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
@@ -228,6 +292,44 @@ def build_parser() -> argparse.ArgumentParser:
                       add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_bench_quantize)
+    s = bn.add_parser("serve", help="bounded streaming load test of an api_server (TTFT/TPOT/ITL, leaks)",
+                      add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_bench_serve)
+
+    sv = sub.add_parser("serve", help="serving").add_subparsers(dest="cmd", required=True)
+    s = sv.add_parser("api_server", help="OpenAI-compatible HTTP server (/v1/chat/completions, ...)")
+    _add_engine_args(s)
+    s.add_argument("--server-name", default="0.0.0.0", help="address to listen on")
+    s.add_argument("--server-port", type=int, default=23333, help="port to listen on")
+    s.add_argument("--api-keys", nargs="+", default=None, help="accepted API keys (Bearer); none: open")
+    s.add_argument("--max-concurrent-requests", type=int, default=None,
+                   help="HTTP requests generating at once; as many more wait, the rest get 429")
+    s.add_argument("--model-name", default=None, help="the model id clients use (default: from the path)")
+    s.add_argument("--proxy-url", default=None,
+                   help="a `serve proxy` URL to join once listening (and leave on shutdown)")
+    s.set_defaults(func=cmd_serve_api_server)
+
+    s = sv.add_parser("proxy", help="distribute requests over api_servers (nodes join via /nodes/add)")
+    s.add_argument("--server-name", default="0.0.0.0", help="address to listen on")
+    s.add_argument("--server-port", type=int, default=8000, help="port to listen on")
+    s.add_argument("--routing-strategy", default="min_expected_latency",
+                   choices=["random", "min_expected_latency", "min_observed_latency"])
+    s.add_argument("--nodes", nargs="*", default=[], help="api_server URLs to add on start")
+    s.add_argument("--health-interval", type=float, default=10.0, help="seconds between health checks")
+    s.add_argument("--health-timeout", type=float, default=2.0, help="seconds a health check may take")
+    s.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG | INFO | WARNING | ERROR")
+    s.set_defaults(func=cmd_serve_proxy)
+
+    s = sub.add_parser("chat", help="chat with a model in the terminal (streaming, multi-turn)")
+    _add_engine_args(s, cache_default="0.5")
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--top-k", type=int, default=40)
+    s.add_argument("--repetition-penalty", type=float, default=1.0)
+    s.add_argument("--max-new-tokens", type=int, default=512, help="longest reply, in tokens")
+    s.add_argument("--system", default=None, help="system prompt of the conversation")
+    s.set_defaults(func=cmd_chat)
     return p
 
 

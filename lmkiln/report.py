@@ -19,7 +19,8 @@ def rule_times(bench_dir: Path, recursive: bool = False) -> dict[str, tuple[floa
             rows = list(csv.DictReader(f, delimiter="\t"))
         if rows:
             rss = rows[-1].get("max_rss", "NA")
-            out[tsv.stem] = (float(rows[-1]["s"]), float(rss) if rss not in ("NA", "-", "") else float("nan"))
+            name = tsv.relative_to(bench_dir).with_suffix("").as_posix()
+            out[name] = (float(rows[-1]["s"]), float(rss) if rss not in ("NA", "-", "") else float("nan"))
     return out
 
 

@@ -95,3 +95,27 @@ def test_quantize_end_to_end_then_incremental(tmp_path, smollm2_dir):
     # A quantization setting changed: AWQ and the evaluation rerun, calibration does not.
     _write_config(tmp_path, smollm2_dir, w_group_size=32)
     assert _jobs(_snakemake(tmp_path, "-n", "quantize")) == {"awq", "evaluate", "pack", "quantize"}
+
+
+def test_snakemake_serve_dry_run(tmp_path, tiny_llama_dir) -> None:
+    """``snakemake -n serve`` plans the build up to the packed artifact and its quality gate, then the
+    server with config.yaml's serve: settings (the dry run prints the shell command)."""
+    _write_config(tmp_path, tiny_llama_dir)
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    config["serve"].update(server_port=8123, session_len=128, quant_policy=8, cache_max_entry_count=64,
+                           enable_prefix_caching=True, device="cpu")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    r = _snakemake(tmp_path, "-n", "-p", "serve")
+    assert r.returncode == 0, r.stderr
+    assert _jobs(r) == {"prepare_texts", "calibrate", "awq", "evaluate", "pack", "serve"}
+    cmd = next(line for line in (r.stdout + r.stderr).splitlines() if "lmkiln serve api_server" in line)
+    for flag in (f"results/{tiny_llama_dir.name}/packed", "--server-name 127.0.0.1", "--server-port 8123",
+                 "--cache-max-entry-count 64", "--quant-policy 8", "--session-len 128",
+                 "--enable-prefix-caching", "--device cpu", "--max-batch-size 256",
+                 f"logs/{tiny_llama_dir.name}/serve.log"):
+        assert flag in cmd, (flag, cmd)
+
+    config["serve"]["quant_policy"] = 3  # validated by the schema
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    r = _snakemake(tmp_path, "-n", "serve")
+    assert r.returncode != 0 and "quant_policy" in r.stdout + r.stderr

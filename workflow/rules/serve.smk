@@ -1,0 +1,38 @@
+SERVE = config["serve"]
+
+
+def serve_flags():
+    """api_server flags from config.yaml's serve: section (device: serve.device, else the build's)."""
+    s = SERVE
+    flags = [
+        f"--server-name {s['server_name']}",
+        f"--server-port {s['server_port']}",
+        f"--cache-max-entry-count {s['cache_max_entry_count']}",
+        f"--quant-policy {s['quant_policy']}",
+        f"--max-batch-size {s['max_batch_size']}",
+    ]
+    if s.get("session_len"):
+        flags.append(f"--session-len {s['session_len']}")
+    if s["enable_prefix_caching"]:
+        flags.append("--enable-prefix-caching")
+    device = s["device"] or config["device"]
+    if device:
+        flags.append(f"--device {device}")
+    if s.get("proxy_url"):
+        flags.append(f"--proxy-url {s['proxy_url']}")
+    return " ".join(flags)
+
+
+rule serve:
+    """Serve the packed artifact with the OpenAI-compatible API in the foreground (Ctrl-C stops it)."""
+    input:
+        packed=expand(rules.pack.output[0], model=MODEL),
+        quality_gate=expand(rules.evaluate.output[0], model=MODEL),  # serve only what passed the gate
+    params:
+        flags=serve_flags(),
+    log:
+        f"logs/{MODEL}/serve.log",
+    benchmark:
+        f"benchmarks/{MODEL}/serve.tsv"
+    shell:
+        "lmkiln serve api_server {input.packed} {params.flags} 2>&1 | tee {log}"
