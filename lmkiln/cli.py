@@ -183,7 +183,8 @@ def cmd_serve_api_server(a: argparse.Namespace) -> None:
     from lmkiln.server.launch import serve_api_server
 
     serve_api_server(_engine_options(a), a.server_name, a.server_port, a.api_keys,
-                     a.max_concurrent_requests, a.model_name, a.log_level, a.proxy_url)
+                     a.max_concurrent_requests, a.model_name, a.log_level, a.proxy_url,
+                     a.shutdown_timeout)
 
 
 def cmd_serve_proxy(a: argparse.Namespace) -> None:
@@ -306,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-concurrent-requests", type=int, default=None,
                    help="HTTP requests generating at once; as many more wait, the rest get 429")
     s.add_argument("--model-name", default=None, help="the model id clients use (default: from the path)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests may take to finish before they are cut")
     s.add_argument("--proxy-url", default=None,
                    help="a `serve proxy` URL to join once listening (and leave on shutdown)")
     s.set_defaults(func=cmd_serve_api_server)

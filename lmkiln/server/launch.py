@@ -79,9 +79,14 @@ def serve_api_server(
     model_name: str | None = None,
     log_level: str = "info",
     proxy_url: str | None = None,
+    shutdown_timeout: float = 30.0,
 ) -> None:
     """Load the model and serve the OpenAI-compatible API until interrupted; with ``proxy_url``, join
-    that proxy once listening and leave it on shutdown."""
+    that proxy once listening and leave it on shutdown.
+
+    SIGTERM / Ctrl-C drains: uvicorn stops accepting connections, lets in-flight requests (streams too)
+    finish for up to ``shutdown_timeout`` seconds, then cancels the rest (which aborts them in the engine).
+    """
     import asyncio
 
     import uvicorn
@@ -98,10 +103,12 @@ def serve_api_server(
              server_port)
     if proxy_url:
         server = uvicorn.Server(uvicorn.Config(app, host=server_name, port=server_port,
-                                               log_level=log_level.lower()))
+                                               log_level=log_level.lower(),
+                                               timeout_graceful_shutdown=shutdown_timeout))
         asyncio.run(serve_registered(server, node_url(server_name, server_port), proxy_url))
     else:
-        uvicorn.run(app, host=server_name, port=server_port, log_level=log_level.lower())
+        uvicorn.run(app, host=server_name, port=server_port, log_level=log_level.lower(),
+                    timeout_graceful_shutdown=shutdown_timeout)
 
 
 def node_url(server_name: str, server_port: int) -> str:

@@ -39,7 +39,7 @@ def test_manifest_wins_over_a_contradicting_model_format(tmp_path, caplog) -> No
 def test_serve_api_server_wiring(monkeypatch, tiny_llama_dir) -> None:
     seen: dict = {}
 
-    def fake_run(app, host: str, port: int, log_level: str) -> None:
+    def fake_run(app, host: str, port: int, log_level: str, timeout_graceful_shutdown: float) -> None:
         async def go():
             t = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=t, base_url="http://t") as c:
@@ -49,15 +49,16 @@ def test_serve_api_server_wiring(monkeypatch, tiny_llama_dir) -> None:
                     "prompt": "w1 w2 w3", "max_tokens": 3, "temperature": 0, "ignore_eos": True})).json()
             await app.state.server.client.close()
 
-        seen.update(host=host, port=port, log_level=log_level)
+        seen.update(host=host, port=port, log_level=log_level, drain=timeout_graceful_shutdown)
         asyncio.run(go())
 
     monkeypatch.setattr("uvicorn.run", fake_run)
     code = main(["serve", "api_server", str(tiny_llama_dir), "--device", "cpu", "--cache-max-entry-count",
                  "32", "--session-len", "128", "--api-keys", "k", "--server-port", "9999", "--model-name",
-                 "tiny", "--log-level", "warning", "--max-concurrent-requests", "2"])
+                 "tiny", "--log-level", "warning", "--max-concurrent-requests", "2",
+                 "--shutdown-timeout", "7"])
     assert code == 0
-    assert (seen["host"], seen["port"], seen["log_level"]) == ("0.0.0.0", 9999, "warning")
+    assert (seen["host"], seen["port"], seen["log_level"], seen["drain"]) == ("0.0.0.0", 9999, "warning", 7)
     assert seen["models"]["data"][0]["id"] == "tiny" and seen["models"]["data"][0]["max_model_len"] == 128
     assert seen["cmpl"]["choices"][0]["finish_reason"] == "length"
     assert seen["cmpl"]["usage"]["completion_tokens"] == 3
