@@ -26,7 +26,9 @@ quantize: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake quantize --cores $(CORES)
 
 test: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+	# pytest (not `python -m pytest`): the repo root must not be on sys.path, where kernels/ would shadow
+	# the PyPI package `kernels` that transformers probes for (ours is imported as lmkiln.kernels).
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q
 
 lint: setup
 	$(BIN)/ruff check lmkiln kernels tests
