@@ -46,6 +46,14 @@ DONE = "data: [DONE]\n\n"
 OPEN_PATHS = frozenset({"/health"})
 
 
+def _stream_error(e: Exception, kind: str, rid: str) -> str:
+    """The SSE error event for a stream that failed after its headers were sent (logged with traceback)."""
+    log.exception("%s stream %s failed", kind, rid)
+    if isinstance(e, APIError):
+        return e.sse()
+    return (bad_request(str(e)) if isinstance(e, RequestError) else internal(e)).sse()
+
+
 # ------------------------------------------------------------------------------------------- admission
 
 
@@ -396,10 +404,7 @@ class _Server:
                 yield chunk([], self.usage(run, prompt_tokens))
             yield DONE
         except Exception as e:
-            log.exception("chat stream %s failed", rid)
-            err = e if isinstance(e, APIError) else (
-                bad_request(str(e)) if isinstance(e, RequestError) else internal(e))
-            yield err.sse()
+            yield _stream_error(e, "chat", rid)
             yield DONE
         finally:
             await run.aclose()
@@ -463,10 +468,7 @@ class _Server:
                 yield chunk([], self.usage(run, prompt_tokens))
             yield DONE
         except Exception as e:
-            log.exception("completion stream %s failed", rid)
-            err = e if isinstance(e, APIError) else (
-                bad_request(str(e)) if isinstance(e, RequestError) else internal(e))
-            yield err.sse()
+            yield _stream_error(e, "completion", rid)
             yield DONE
         finally:
             await run.aclose()
