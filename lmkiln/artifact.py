@@ -87,6 +87,33 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``out_dir``; when the block succeeds it takes
+    ``out_dir``'s place (:func:`publish_dir`), when it fails it is removed and ``out_dir`` is untouched."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp.chmod(DIR_MODE)
+    try:
+        yield tmp
+        publish_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished directory ``tmp`` onto ``out_dir``; an old ``out_dir`` is deleted only after."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_bytes_atomic(dest: str | os.PathLike, data: bytes) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_bytes(data)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import logging
-import os
-import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -25,6 +23,7 @@ from lmkiln.artifact import (
     copy_file_atomic,
     save_safetensors_atomic,
     sha256_file,
+    staged_dir,
     write_json_atomic,
     write_manifest,
 )
@@ -205,27 +204,6 @@ def _verify(model: torch.nn.Module, out_dir: Path, dtype: torch.dtype) -> float:
     return diff
 
 
-def _stage_dir(out_dir: Path) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    stage.chmod(0o755)  # mkdtemp makes 0700; the published dir should be an ordinary one
-    return stage
-
-
-def _publish(stage: Path, out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ModelError(f"{out_dir} already exists and is not empty; remove it or pass overwrite=True")
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-        os.replace(out_dir, old)
-        os.replace(stage, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(stage, out_dir)
-
-
 def convert_gguf(
     gguf_path: Path,
     out_dir: Path,
@@ -261,8 +239,7 @@ def convert_gguf(
             f"transformers could not load {gguf_path.name} ({e}); check the file is a complete "
             "causal-LM GGUF or convert the original HF checkpoint instead"
         ) from e
-    stage = _stage_dir(out_dir)
-    try:
+    with staged_dir(out_dir) as stage:
         cfg = _config_dict(model, dtype)
         write_json_atomic(stage / "config.json", cfg)
         gen = model.generation_config.to_diff_dict() if model.generation_config is not None else None
@@ -284,9 +261,5 @@ def convert_gguf(
             },
         }
         write_manifest(stage, MANIFEST_KIND, info)
-        _publish(stage, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     log.info("wrote %s", out_dir)
     return out_dir

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lmkiln.artifact import DIR_MODE, save_safetensors_atomic, write_json_atomic, write_manifest
+from lmkiln.artifact import save_safetensors_atomic, staged_dir, write_json_atomic, write_manifest
 from lmkiln.errors import ArtifactError
 from lmkiln.models.checkpoint import Checkpoint
 from lmkiln.models.llama import DecoderLayer, RMSNorm
@@ -316,36 +315,16 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
             shutil.copyfile(f, dst / f.name)
 
 
-def replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move a finished temp dir onto ``out_dir``; the old one is removed only after the move."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def write_quantized_dir(ckpt: Checkpoint, tensors: dict[str, torch.Tensor], out_dir: Path,
                         spec: QuantSpec, info: dict) -> Path:
     """Write an AutoAWQ-GEMM directory atomically (temp dir, manifest last, rename)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    tmp.chmod(DIR_MODE)
-    try:
+    with staged_dir(out_dir) as tmp:
         save_safetensors_atomic(tmp / "model.safetensors", tensors, metadata={"format": "pt"})
         raw = json.loads((ckpt.dir / "config.json").read_text())
         write_json_atomic(tmp / "config.json", awq_config_json(raw, spec))
         copy_tokenizer_files(ckpt.dir, tmp)
         write_manifest(tmp, "awq", {"format": AWQ_FORMAT, "bits": spec.bits,
                                     "group_size": spec.group_size, "zero_point": spec.zero_point, **info})
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -334,7 +333,14 @@ def pack_checkpoint(awq_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
     """Convert an AWQ checkpoint directory into a ``packed`` artifact directory (atomic, reproducible)."""
     from safetensors.torch import load_file
 
-    from lmkiln.artifact import MANIFEST, read_manifest, save_safetensors_atomic, sha256_file, write_manifest
+    from lmkiln.artifact import (
+        MANIFEST,
+        read_manifest,
+        save_safetensors_atomic,
+        sha256_file,
+        staged_dir,
+        write_manifest,
+    )
 
     awq_dir, out_dir = Path(awq_dir), Path(out_dir)
     awq_manifest = read_manifest(awq_dir, kind="awq")
@@ -347,9 +353,7 @@ def pack_checkpoint(awq_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
         "packing %s: %d tensors -> %d (group size %d)", awq_dir, len(tensors), len(packed), info["group_size"]
     )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         # one metadata key only: safetensors keeps metadata in a hash map, so several keys can be written
         # in a different order on every run (the layout is recorded in manifest.json instead)
         save_safetensors_atomic(tmp / MODEL_FILE, dict(sorted(packed.items())), metadata={"format": "pt"})
@@ -374,12 +378,6 @@ def pack_checkpoint(awq_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
                 },
             },
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
