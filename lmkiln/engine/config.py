@@ -37,7 +37,7 @@ class EngineConfig:
     quant_policy: int = 0
     eager: bool = True  # CUDA graphs come later; eager is the test oracle
     seed: int = 0
-    verify_artifact: bool = False  # check every artifact file against its sha256 in manifest.json on load
+    verify_artifact: bool = True  # check every artifact file against its sha256 in manifest.json on load
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
