@@ -350,6 +350,19 @@ class _Server:
 
     # ------------------------------------------------------------------------------------- routes
 
+    async def finals(self, run: Any, request: Request) -> list[tuple[int, Any]]:
+        """Run a non-streaming request to the end: ``(choice index, final output)`` per choice."""
+        try:
+            await self.collect(run, request)
+        except RequestError as e:
+            raise bad_request(str(e)) from e
+        out = []
+        for c in run.choices:
+            if c.final is None:
+                raise internal(RuntimeError(f"choice {c.index} did not finish"))
+            out.append((c.index, c.final))
+        return out
+
     async def chat(self, req: P.ChatCompletionRequest, request: Request) -> Response:
         self.check_model(req.model)
         messages = [m.as_template_message() for m in req.messages]
@@ -358,17 +371,10 @@ class _Server:
         jobs = [(ids, self.sampling(req, max_tokens, i)) for i in range(req.n)]
         rid, run = await self.start_run("chatcmpl", jobs, req.session_id)
         if not req.stream:
-            try:
-                await self.collect(run, request)
-            except RequestError as e:
-                raise bad_request(str(e)) from e
             choices = []
-            for c in run.choices:
-                out = c.final
-                if out is None:
-                    raise internal(RuntimeError(f"choice {c.index} did not finish"))
+            for index, out in await self.finals(run, request):
                 lp = self.chat_logprobs(out.logprobs or []) if req.logprobs else None
-                choices.append(P.ChatChoice(index=c.index, message=P.AssistantMessage(content=out.text),
+                choices.append(P.ChatChoice(index=index, message=P.AssistantMessage(content=out.text),
                                             logprobs=lp, finish_reason=out.finish_reason))
             return JSONResponse(P.ChatCompletionResponse(
                 id=rid, model=self.model_name, choices=choices, usage=self.usage(run, len(ids))
@@ -424,17 +430,10 @@ class _Server:
         prompt_tokens = sum(len(ids) for ids in encoded)
         rid, run = await self.start_run("cmpl", jobs, req.session_id)
         if not req.stream:
-            try:
-                await self.collect(run, request)
-            except RequestError as e:
-                raise bad_request(str(e)) from e
             choices = []
-            for c in run.choices:
-                out = c.final
-                if out is None:
-                    raise internal(RuntimeError(f"choice {c.index} did not finish"))
+            for index, out in await self.finals(run, request):
                 lp = self.completion_logprobs(out.logprobs or [], 0) if req.logprobs is not None else None
-                choices.append(P.CompletionChoice(index=c.index, text=out.text, logprobs=lp,
+                choices.append(P.CompletionChoice(index=index, text=out.text, logprobs=lp,
                                                   finish_reason=out.finish_reason))
             return JSONResponse(P.CompletionResponse(
                 id=rid, model=self.model_name, choices=choices, usage=self.usage(run, prompt_tokens)
