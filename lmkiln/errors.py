@@ -28,3 +28,7 @@ class ArtifactError(LmkilnError):
 
 class QualityGateError(LmkilnError):
     """The quantized model failed the perplexity quality gate."""
+
+
+class KernelInputError(LmkilnError):
+    """Tensors handed to a Triton kernel launcher with the wrong shape, dtype, layout or device."""
