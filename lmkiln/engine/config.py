@@ -35,7 +35,7 @@ class EngineConfig:
     session_len: int | None = None
     enable_prefix_caching: bool = False
     quant_policy: int = 0
-    eager: bool = True  # CUDA graphs come later; eager is the test oracle
+    eager: bool = False  # True: no CUDA graphs for decode (the oracle); the CPU always runs eagerly
     seed: int = 0
     verify_artifact: bool = True  # check every artifact file against its sha256 in manifest.json on load
 

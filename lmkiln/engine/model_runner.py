@@ -2,19 +2,30 @@
 
 This is the only part of the engine that touches tensors: it owns the model, the paged KV cache, the
 attention backend and the sampler. It makes no scheduling decisions; it carries out a ``SchedulerOutput``.
+
+Decode steps (one new token per sequence) run on CUDA from graphs captured once, after the KV cache is
+allocated, at bucketed batch sizes (:func:`graph_batch_sizes`), largest first, in one memory pool (as vLLM
+and nano-vllm do). A step is padded up to its bucket (:func:`pad_decode_inputs`): pad rows have slot -1 (the
+KV write skips them) and ``seq_len`` 0 (attention reads nothing for them); block tables are padded to a
+fixed ``max_blocks = ceil(session_len / block_size)`` columns and ``max_seq_len`` is
+``max_blocks * block_size``. Prefill and mixed steps, and ``EngineConfig.eager`` (the oracle), run eagerly.
+Logits and sampling stay outside the graphs.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import os
+import time
+from dataclasses import dataclass, field
 
 import torch
 
 from lmkiln.engine.attention import AttentionMetadata, TorchAttentionBackend
 from lmkiln.engine.config import EngineConfig
-from lmkiln.engine.errors import CacheMemoryError
+from lmkiln.engine.errors import CacheMemoryError, EngineConfigError
 from lmkiln.engine.kv_cache import KVCache
 from lmkiln.engine.loader import GIB, LoadedModel
 from lmkiln.engine.outputs import ModelRunnerOutput, SchedulerOutput
@@ -73,6 +84,161 @@ def _useful_blocks(config: EngineConfig, session_len: int) -> int:
     return config.max_num_seqs * -(-session_len // config.block_size)
 
 
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """Batch sizes decode graphs are captured at: 1, 2, 4, 8, 16, 24, 32, ... below ``max_num_seqs``, then
+    ``max_num_seqs`` itself."""
+    if max_num_seqs < 1:
+        raise EngineConfigError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+    sizes = [1, 2, 4, 8]
+    while sizes[-1] < max_num_seqs:
+        sizes.append(sizes[-1] + 8)
+    return [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
+
+
+def pick_bucket(sizes: list[int], n: int) -> int | None:
+    """The smallest captured size that holds ``n`` sequences (``sizes`` ascending), or None."""
+    i = bisect.bisect_left(sizes, n)
+    return sizes[i] if n >= 1 and i < len(sizes) else None
+
+
+@dataclass
+class StepInputs:
+    """One step's flattened batch as host lists (what :meth:`ModelRunner.execute` sends to the device)."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slot_mapping: list[int] = field(default_factory=list)
+    query_start_loc: list[int] = field(default_factory=lambda: [0])
+    seq_lens: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    logits_rows: list[int] = field(default_factory=list)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence computes exactly one new token."""
+        return len(self.input_ids) == self.num_seqs
+
+
+def pad_decode_inputs(step: StepInputs, bucket: int, max_blocks: int) -> StepInputs:
+    """``step`` (a decode step) padded to ``bucket`` rows: pad rows have token 0 at position 0, slot -1,
+    ``seq_len`` 0 and an all -1 block table; every block table is padded with -1 to ``max_blocks``."""
+    n = step.num_seqs
+    if not step.is_decode or n > bucket:
+        raise EngineConfigError(
+            f"cannot pad a step of {n} sequences / {len(step.input_ids)} tokens to a decode batch of {bucket}"
+        )
+    widest = max((len(t) for t in step.block_tables), default=0)
+    if widest > max_blocks:
+        raise EngineConfigError(f"a block table of {widest} blocks exceeds max_blocks={max_blocks}")
+    pad = bucket - n
+    tables = [t + [-1] * (max_blocks - len(t)) for t in step.block_tables]
+    return StepInputs(
+        input_ids=step.input_ids + [0] * pad,
+        positions=step.positions + [0] * pad,
+        slot_mapping=step.slot_mapping + [-1] * pad,
+        query_start_loc=list(range(bucket + 1)),
+        seq_lens=step.seq_lens + [0] * pad,
+        block_tables=tables + [[-1] * max_blocks] * pad,
+        logits_rows=list(step.logits_rows),
+    )
+
+
+class DecodeGraphs:
+    """Static input buffers and one CUDA graph per bucket for decode steps.
+
+    ``capture=False`` keeps the static buffers and the padding but runs the model eagerly on them (how the
+    CPU tests check the padded path against the plain one).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list,
+        backend: object,
+        sizes: list[int],
+        max_blocks: int,
+        block_size: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.model, self.kv_caches, self.backend = model, kv_caches, backend
+        self.sizes, self.max_blocks, self.block_size = sizes, max_blocks, block_size
+        b = sizes[-1]
+        self.input_ids = torch.zeros(b, dtype=torch.long, device=device)
+        self.positions = torch.zeros(b, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((b,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.zeros(b, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((b, max_blocks), -1, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
+        self.hidden = torch.zeros(b, hidden_size, dtype=dtype, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+
+    def _meta(self, b: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:b],
+            block_tables=self.block_tables[:b],
+            query_start_loc=self.query_start_loc[: b + 1],
+            seq_lens=self.seq_lens[:b],
+            max_query_len=1,
+            max_seq_len=self.max_blocks * self.block_size,
+        )
+
+    def _forward(self, b: int) -> None:
+        out = self.model.forward_paged(
+            self.input_ids[:b], self.positions[:b], self.kv_caches, self._meta(b), self.backend
+        )
+        self.hidden[:b].copy_(out)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, largest first, into one shared memory pool (all rows are pad rows)."""
+        for b in reversed(self.sizes):
+            graph = torch.cuda.CUDAGraph()
+            self._forward(b)  # warm up: compile / tune the kernels outside the capture
+            with torch.cuda.graph(graph, self.pool):
+                self._forward(b)
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[b] = graph
+            torch.cuda.synchronize()
+
+    def can_run(self, step: StepInputs) -> bool:
+        return (
+            step.is_decode
+            and step.num_seqs <= self.sizes[-1]
+            and all(len(t) <= self.max_blocks for t in step.block_tables)
+        )
+
+    def run(self, step: StepInputs) -> torch.Tensor:
+        """Hidden states ``[n, hidden]`` of a decode step (replayed if captured)."""
+        n = step.num_seqs
+        b = pick_bucket(self.sizes, n)
+        if b is None:
+            raise EngineConfigError(f"no decode graph holds {n} sequences (largest {self.sizes[-1]})")
+        p = pad_decode_inputs(step, b, self.max_blocks)
+        dev = self.input_ids.device
+        for buf, values, dtype in (
+            (self.input_ids, p.input_ids, torch.long),
+            (self.positions, p.positions, torch.long),
+            (self.slot_mapping, p.slot_mapping, torch.long),
+            (self.seq_lens, p.seq_lens, torch.int32),
+            (self.block_tables, p.block_tables, torch.int32),
+        ):
+            buf[:b].copy_(torch.tensor(values, dtype=dtype).to(dev, non_blocking=True))
+        graph = self.graphs.get(b)
+        if graph is not None:
+            graph.replay()
+        else:
+            self._forward(b)
+        return self.hidden[:n]
+
+
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_blocks: int, config: EngineConfig) -> None:
         self.loaded = loaded
@@ -114,52 +280,99 @@ class ModelRunner:
             self.kv_cache.nbytes() / GIB,
             config.quant_policy,
         )
+        self.session_len = config.session_len or cfg.max_position_embeddings
+        self.max_blocks = -(-self.session_len // config.block_size)  # block-table width in the graphs
+        self.max_num_seqs = min(config.max_num_seqs, num_blocks)
+        self.decode_graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.eager:
+            self.enable_decode_graphs(capture=True)
 
-    def _prepare(
-        self, out: SchedulerOutput
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def enable_decode_graphs(self, capture: bool = True) -> None:
+        """Run decode steps through :class:`DecodeGraphs` (``capture``: record CUDA graphs; CUDA only)."""
+        cfg = self.loaded.config
+        if capture and getattr(self.backend, "name", "torch") == "torch":
+            log.warning(
+                "the %s attention backend cannot be captured in CUDA graphs (it syncs with the host); "
+                "decode runs eagerly",
+                getattr(self.backend, "name", type(self.backend).__name__),
+            )
+            return
+        graphs = DecodeGraphs(
+            self.model,
+            self.kv_cache.layers,
+            self.backend,
+            graph_batch_sizes(self.max_num_seqs),
+            self.max_blocks,
+            self.block_size,
+            cfg.hidden_size,
+            self.loaded.dtype,
+            self.device,
+        )
+        if capture:
+            t0 = time.perf_counter()
+            graphs.capture()
+            sizes = graphs.sizes
+            log.info(
+                "captured %d decode CUDA graphs (batch %d..%d, %d blocks a table) in %.1f s",
+                len(sizes), sizes[0], sizes[-1], self.max_blocks, time.perf_counter() - t0,
+            )
+        self.decode_graphs = graphs
+
+    def _collect(self, out: SchedulerOutput) -> StepInputs:
         bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        lens: list[int] = []
-        logits_rows: list[int] = []
+        step = StepInputs()
         for item in out.scheduled:
             seq, start, n = item.seq, item.start, item.num_new_tokens
-            ids.extend(seq.token_ids[start : start + n])
+            step.input_ids.extend(seq.token_ids[start : start + n])
             table = seq.block_table
             for p in range(start, start + n):
-                pos.append(p)
-                slots.append(table[p // bs] * bs + p % bs)
-            qsl.append(qsl[-1] + n)
-            lens.append(start + n)
+                step.positions.append(p)
+                step.slot_mapping.append(table[p // bs] * bs + p % bs)
+            step.query_start_loc.append(step.query_start_loc[-1] + n)
+            step.seq_lens.append(start + n)
+            step.block_tables.append(table)
             if item.sample:
-                logits_rows.append(qsl[-1] - 1)
-        width = max(len(item.seq.block_table) for item in out.scheduled)
-        tables = [item.seq.block_table + [-1] * (width - len(item.seq.block_table)) for item in out.scheduled]
+                step.logits_rows.append(step.query_start_loc[-1] - 1)
+        return step
+
+    def _prepare(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        width = max(len(t) for t in step.block_tables)
+        tables = [t + [-1] * (width - len(t)) for t in step.block_tables]
+        qsl = step.query_start_loc
         dev = self.device
 
         def as_tensor(x: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
 
         meta = AttentionMetadata(
-            slot_mapping=as_tensor(slots, torch.long),
+            slot_mapping=as_tensor(step.slot_mapping, torch.long),
             block_tables=as_tensor(tables, torch.int32),
             query_start_loc=as_tensor(qsl, torch.int32),
-            seq_lens=as_tensor(lens, torch.int32),
+            seq_lens=as_tensor(step.seq_lens, torch.int32),
             max_query_len=max(b - a for a, b in itertools.pairwise(qsl)),
-            max_seq_len=max(lens),
+            max_seq_len=max(step.seq_lens),
         )
-        return as_tensor(ids, torch.long), as_tensor(pos, torch.long), meta, logits_rows
+        return as_tensor(step.input_ids, torch.long), as_tensor(step.positions, torch.long), meta
+
+    def _hidden(self, step: StepInputs, eager: bool = False) -> torch.Tensor:
+        if not eager and self.decode_graphs is not None and self.decode_graphs.can_run(step):
+            return self.decode_graphs.run(step)
+        input_ids, positions, meta = self._prepare(step)
+        return self.model.forward_paged(input_ids, positions, self.kv_cache.layers, meta, self.backend)
+
+    @torch.inference_mode()
+    def prompt_logits(self, out: SchedulerOutput) -> torch.Tensor:
+        """Logits ``[T, vocab]`` of every scheduled token (eager; for prompt logprobs and perplexity)."""
+        return self.model.compute_logits(self._hidden(self._collect(out), eager=True))
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self.sampler.forget(out.finished_seq_ids)
         if out.is_empty:
             return ModelRunnerOutput()
-        input_ids, positions, meta, rows = self._prepare(out)
-        hidden = self.model.forward_paged(input_ids, positions, self.kv_cache.layers, meta, self.backend)
+        step = self._collect(out)
+        hidden = self._hidden(step)
+        rows = step.logits_rows
         sampling = [item.seq for item in out.scheduled if item.sample]
         if not sampling:
             return ModelRunnerOutput()

@@ -8,6 +8,9 @@ Two forward paths share the weights: ``forward(input_ids)`` runs whole sequences
 evaluation), and ``forward_paged`` runs the engine's flattened batch of new tokens against a paged KV cache:
 each attention layer hands its q/k/v to an attention *backend* (``lmkiln.engine.attention``) that writes K/V
 into the cache and attends over it.
+
+A packed int4 artifact fuses q/k/v and gate/up along N: :meth:`DecoderLayer.fuse` swaps in those fused linears
+(any module, e.g. ``lmkiln.layers.Int4Linear``), so a layer runs 2 + 2 GEMMs; both forward paths use them.
 """
 
 from __future__ import annotations
@@ -55,12 +58,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
+        self.qkv_proj: nn.Module | None = None  # fused q/k/v, set by DecoderLayer.fuse
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.qkv_proj is not None:
+            return self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(x)
+        q = q.reshape(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads
@@ -72,9 +83,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """``x [T, hidden]`` (new tokens of several sequences), ``cos``/``sin`` ``[T, head_dim]``."""
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv(x)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim).contiguous()  # a strided slice when fused
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         out = backend.forward(q, k, v, cache, meta, self.head_dim**-0.5)
@@ -87,8 +99,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj: nn.Module | None = None  # fused gate/up, set by DecoderLayer.fuse
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -115,6 +131,15 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         h = x + self.self_attn.forward_paged(self.input_layernorm(x), cos, sin, cache, meta, backend)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def fuse(
+        self, qkv_proj: nn.Module, o_proj: nn.Module, gate_up_proj: nn.Module, down_proj: nn.Module
+    ) -> None:
+        """Replace the seven linears by fused q/k/v and gate/up (outputs concatenated along N) and o/down."""
+        attn, mlp = self.self_attn, self.mlp
+        del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
+        attn.qkv_proj, attn.o_proj = qkv_proj, o_proj
+        mlp.gate_up_proj, mlp.down_proj = gate_up_proj, down_proj
 
     def named_linears(self) -> dict[str, nn.Linear]:
         return {f"{p}.{n}": getattr(getattr(self, p), n) for p, names in self.LINEARS for n in names}
