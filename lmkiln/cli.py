@@ -164,6 +164,7 @@ def _add_engine_args(p: argparse.ArgumentParser, cache_default: str = "0.8") -> 
     p.add_argument("--max-batch-size", type=int, default=256, help="most sequences running at once")
     p.add_argument("--enable-prefix-caching", action="store_true", help="reuse KV blocks of shared prefixes")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs for decode (the oracle)")
     p.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG | INFO | WARNING | ERROR")
 
 
@@ -176,7 +177,8 @@ def _engine_options(a: argparse.Namespace):
         raise LmkilnError(
             f"--cache-max-entry-count must be a number, got {a.cache_max_entry_count!r}") from None
     return EngineOptions(a.model_dir, a.model_format, a.quant_policy, a.tp, cache, a.session_len,
-                         a.max_batch_size, a.enable_prefix_caching, a.device)
+                         a.max_batch_size, a.enable_prefix_caching, a.device,
+                         extra={"eager": True} if getattr(a, "eager", False) else {})
 
 
 def cmd_serve_api_server(a: argparse.Namespace) -> None:
@@ -201,6 +203,22 @@ def cmd_bench_serve(a: argparse.Namespace) -> None:
     from lmkiln.bench.serve import main as bench_main
 
     sys.exit(bench_main(a.rest))
+
+
+def cmd_bench_engine(a: argparse.Namespace) -> None:
+    from lmkiln.bench.engine import main as bench_main
+
+    sys.exit(bench_main(a.rest))
+
+
+def cmd_eval_ppl_engine(a: argparse.Namespace) -> None:
+    from lmkiln.eval.engine_ppl import format_table, run
+
+    report = run(a.model_dir, a.texts, a.out, a.quant_policy, a.text_dir, a.tokens, a.window, a.add_bos,
+                 a.device, a.chunk, a.reference, a.strict)
+    print(format_table(report))
+    if report["checks"]["failures"]:
+        print("checks failed: " + "; ".join(report["checks"]["failures"]))
 
 
 def cmd_chat(a: argparse.Namespace) -> None:
@@ -269,6 +287,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_eval_ppl)
 
+    s = ev.add_parser("ppl-engine", help="perplexity through the serving engine (paged KV fp/int8/int4)")
+    s.add_argument("model_dir", type=Path, help="HF, AWQ or packed directory (packed: int4 linears on CUDA)")
+    s.add_argument("--texts", nargs="+", default=["pride_and_prejudice", "wiki_sample"])
+    s.add_argument("--text-dir", type=Path, default=Path("resources/text"))
+    s.add_argument("--tokens", type=int, default=20000)
+    s.add_argument("--window", type=int, default=512)
+    s.add_argument("--add-bos", action="store_true", help="put BOS in front of every window (as `eval ppl`)")
+    s.add_argument("--quant-policy", type=int, nargs="+", choices=[0, 4, 8], default=[0, 8, 4],
+                   help="KV cache policies to score")
+    s.add_argument("--chunk", type=int, default=128, help="prefill chunk: later chunks read the paged cache")
+    s.add_argument("--reference", type=Path, default=None,
+                   help="eval/ppl.json to compare with (kv0 within 1%%; kv8 <= +0.5%%, kv4 <= +3%% over kv0)")
+    s.add_argument("--strict", action="store_true", help="exit 2 when a --reference check fails")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", type=Path, required=True)
+    s.set_defaults(func=cmd_eval_ppl_engine)
+
     cv = sub.add_parser("convert", help="checkpoint conversion").add_subparsers(dest="cmd", required=True)
     s = cv.add_parser("gguf", help="GGUF file -> fp16 HF safetensors directory")
     s.add_argument("out_dir", type=Path)
@@ -297,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
                       add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_bench_serve)
+    s = bn.add_parser("engine", help="engine decode tok/s vs batch (ours vs HF), throughput, session TTFT",
+                      add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_bench_engine)
 
     sv = sub.add_parser("serve", help="serving").add_subparsers(dest="cmd", required=True)
     s = sv.add_parser("api_server", help="OpenAI-compatible HTTP server (/v1/chat/completions, ...)")
