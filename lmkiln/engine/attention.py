@@ -2,17 +2,26 @@
 
 The model calls ``backend.forward(q, k, v, layer_cache, meta, scale)`` in every layer; the backend writes
 the new K/V into the cache and attends over it. :class:`TorchAttentionBackend` runs the pure-torch
-references of :mod:`lmkiln.kernels.attention_ref` (the CPU path and the oracle); a Triton backend with the
-same interface is the GPU path.
+references of :mod:`lmkiln.kernels.attention_ref` (the CPU path and the oracle);
+:class:`TritonAttentionBackend` (same interface) runs the Triton kernels of :mod:`lmkiln.kernels.kv_cache` and
+:mod:`lmkiln.kernels.paged_attention`, the GPU path (capturable in CUDA graphs for decode steps).
+:func:`make_attention_backend` picks one for a device (``LMKILN_ATTENTION=torch|triton`` overrides).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
 
+from lmkiln.engine.errors import EngineConfigError
 from lmkiln.engine.kv_cache import LayerKVCache
+
+log = logging.getLogger(__name__)
+
+ATTENTION_ENV = "LMKILN_ATTENTION"
 
 
 @dataclass
@@ -69,3 +78,74 @@ class TorchAttentionBackend:
             cache.v_sz,
             cache.bits,
         )
+
+
+class TritonAttentionBackend:
+    """Triton kernels: ``write_kv`` (quantizing for int8/int4 caches), then the split-KV decode kernel for
+    decode-only steps or the varlen prefill kernel (prefix hits, chunked prefill, mixed batches)."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from lmkiln.kernels import kv_cache, paged_attention
+
+        self._write_kv = kv_cache.write_kv
+        self._decode = paged_attention.paged_decode
+        self._prefill = paged_attention.paged_prefill
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: LayerKVCache,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        self._write_kv(k, v, cache.k, cache.v, meta.slot_mapping, cache.k_sz, cache.v_sz, cache.bits)
+        if meta.is_decode_only and q.shape[0] == meta.num_seqs:
+            return self._decode(
+                q,
+                cache.k,
+                cache.v,
+                meta.block_tables,
+                meta.seq_lens,
+                scale,
+                cache.k_sz,
+                cache.v_sz,
+                cache.bits,
+            )
+        return self._prefill(
+            q,
+            cache.k,
+            cache.v,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.seq_lens,
+            meta.max_query_len,
+            scale,
+            cache.k_sz,
+            cache.v_sz,
+            cache.bits,
+        )
+
+
+def make_attention_backend(device: torch.device | str) -> TorchAttentionBackend | TritonAttentionBackend:
+    """Triton on CUDA, the torch reference elsewhere; ``LMKILN_ATTENTION=torch|triton`` overrides (on the CPU,
+    ``triton`` needs ``TRITON_INTERPRET=1``: a debugging aid, very slow)."""
+    choice = os.environ.get(ATTENTION_ENV, "").strip().lower()
+    if choice not in ("", "torch", "triton"):
+        raise EngineConfigError(f"{ATTENTION_ENV}={choice!r}: use 'torch' or 'triton' (or leave it unset)")
+    if not choice:
+        choice = "triton" if torch.device(device).type == "cuda" else "torch"
+    if choice == "triton":
+        try:
+            backend: TorchAttentionBackend | TritonAttentionBackend = TritonAttentionBackend()
+        except ImportError as e:
+            raise EngineConfigError(
+                f"the Triton attention backend needs triton ({e}); set {ATTENTION_ENV}=torch"
+            ) from e
+    else:
+        backend = TorchAttentionBackend()
+    log.info("attention backend: %s", backend.name)
+    return backend

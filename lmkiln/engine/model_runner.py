@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmkiln.engine.attention import AttentionMetadata, TorchAttentionBackend
+from lmkiln.engine.attention import AttentionMetadata, make_attention_backend
 from lmkiln.engine.config import EngineConfig
 from lmkiln.engine.errors import CacheMemoryError, EngineConfigError
 from lmkiln.engine.kv_cache import KVCache
@@ -271,7 +271,7 @@ class ModelRunner:
                 f"{num_blocks * per_block / GIB:.2f} GiB on {loaded.device} ({e}); lower "
                 "--cache-max-entry-count"
             ) from e
-        self.backend = TorchAttentionBackend()  # the Triton backend plugs in here on CUDA
+        self.backend = make_attention_backend(self.device)  # Triton on CUDA (LMKILN_ATTENTION overrides)
         self.sampler = Sampler(config.seed)
         log.info(
             "KV cache: %d blocks x %d tokens (%.2f GiB, quant_policy %d)",

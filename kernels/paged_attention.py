@@ -1,0 +1,528 @@
+"""Triton attention over the paged KV cache: decode (split-KV, CUDA-graph capturable) and prefill / mixed.
+
+Layouts and semantics are those of :func:`lmkiln.kernels.attention_ref.paged_attention_ref` (the oracle):
+query row ``i`` of sequence ``b`` sits at position ``seq_lens[b] - q_len[b] + i`` and attends causally to
+every cached token up to it (a cached prefix, then the chunk's own tokens, already written by
+:func:`lmkiln.kernels.kv_cache.write_kv`). int8 / int4 K and V are dequantized in registers
+(``q * scale + zero``, per token and head).
+
+One kernel serves both paths. A program owns one sequence ``b``, one KV head and a tile of ``BLOCK_M`` rows,
+where a row is a (query token, query head of the KV head's group) pair: GQA heads share every K/V load and
+the tile feeds ``tl.dot`` even for one decode token (rows padded to 16). The head dim is handled as two halves
+(``[0, D/2)`` and ``[D/2, D)``; for int4, the even and odd elements = the low and high nibbles of a byte), so
+int4 codes never need interleaving. Keys stream in ``BLOCK_N``-token tiles, each token's physical slot looked
+up in the block table; online softmax in base 2, float32 accumulators.
+
+* decode (``max_query_len == 1``, row ``b`` of ``q`` is sequence ``b``): grid ``(B, Hk, splits)``. With
+  ``splits > 1`` (flash-decoding) each program takes ``1/splits`` of its sequence's keys (the split is
+  computed in-kernel from ``seq_lens``) and writes a partial ``(acc, m, l)``; a second kernel merges them.
+  Grid, split count and loop bounds depend only on tensor shapes and ``seq_lens`` is read on the device, so
+  a launch replays in a CUDA graph. A padded batch row (``seq_len`` 0, block table -1) writes zeros.
+* prefill / mixed: grid ``(B, Hk, cdiv(max_query_len, BLOCK_M // G))``, no split.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from lmkiln.kernels.kv_cache import check_cache, interpreting
+
+from lmkiln.errors import KernelInputError
+
+log = logging.getLogger(__name__)
+
+Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 64
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Launch parameters (0 = the launcher's choice). ``block_m`` rows = tokens x grouped heads."""
+
+    block_m: int = 0
+    block_n: int = 0
+    num_splits: int = 0  # decode only
+    num_warps: int = 0
+    num_stages: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_kv(cache_ptr, sz_ptr, row, valid, offs_d, DH, BITS: tl.constexpr, CT: tl.constexpr):
+    """K or V of the (slot, head) rows ``row [BN]`` (int64) as two ``[BN, BLOCK_DH]`` halves in ``CT``.
+
+    Halves: elements ``[0, DH)`` and ``[DH, 2 DH)``; int4: even and odd elements (low and high nibbles).
+    Invalid tokens and padded dims read as 0."""
+    m = valid[:, None] & (offs_d < DH)[None, :]
+    if BITS == 4:
+        b = tl.load(cache_ptr + row[:, None] * DH + offs_d[None, :], mask=m, other=0)
+        lo = (b & 0xF).to(tl.float32)
+        hi = (b >> 4).to(tl.float32)
+    else:
+        base = cache_ptr + row[:, None] * (2 * DH) + offs_d[None, :]
+        lo = tl.load(base, mask=m, other=0)
+        hi = tl.load(base + DH, mask=m, other=0)
+    if BITS != 0:
+        s = tl.load(sz_ptr + row * 2, mask=valid, other=0.0).to(tl.float32)[:, None]
+        z = tl.load(sz_ptr + row * 2 + 1, mask=valid, other=0.0).to(tl.float32)[:, None]
+        lo = lo.to(tl.float32) * s + z
+        hi = hi.to(tl.float32) * s + z
+    return lo.to(CT), hi.to(CT)
+
+
+@triton.jit
+def _dot(a, b, F32: tl.constexpr):
+    if F32:  # fp32 inputs (and the interpreter, whose half-precision dot is unreliable): exact fp32 products
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _paged_attn_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    ksz_ptr,
+    vsz_ptr,
+    o_ptr,
+    ws_ptr,
+    ml_ptr,
+    tables_ptr,
+    qsl_ptr,
+    lens_ptr,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    max_blocks,
+    Hk,
+    DH,
+    G: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DH: tl.constexpr,
+    PAGE: tl.constexpr,
+    BITS: tl.constexpr,
+    SPLITS: tl.constexpr,
+    DECODE: tl.constexpr,
+    CT: tl.constexpr,
+    F32: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    b = tl.program_id(0)
+    hk = tl.program_id(1)
+    if SPLITS > 1:
+        tile = tl.program_id(2) // SPLITS
+        split = tl.program_id(2) % SPLITS
+    else:
+        tile = tl.program_id(2)
+        split = 0
+    QPT: tl.constexpr = BLOCK_M // G  # query tokens per tile
+    seq_len = tl.minimum(tl.load(lens_ptr + b), max_blocks * PAGE)  # never past the block table
+    if DECODE:
+        q_start = b
+        q_len = 1
+    else:
+        q_start = tl.load(qsl_ptr + b)
+        q_len = tl.load(qsl_ptr + b + 1) - q_start
+    ctx = seq_len - q_len  # tokens cached before this step's queries
+
+    r = tl.arange(0, BLOCK_M)
+    qi = tile * QPT + r // G
+    hq = hk * G + r % G
+    row_ok = (r < QPT * G) & (qi < q_len)
+    pos = ctx + qi  # each row's causal limit (inclusive)
+    kv_end = tl.maximum(tl.minimum(seq_len, ctx + tile * QPT + QPT), 0)
+    if SPLITS > 1:
+        per = tl.cdiv(tl.cdiv(kv_end, SPLITS), BLOCK_N) * BLOCK_N
+        kv_lo = split * per
+        kv_hi = tl.minimum(kv_lo + per, kv_end)
+    else:
+        kv_lo = 0
+        kv_hi = kv_end
+    if not DECODE:  # a tile past this sequence's queries: nothing to do
+        kv_hi = tl.where(tile * QPT < q_len, kv_hi, kv_lo)
+
+    offs_d = tl.arange(0, BLOCK_DH)
+    dmask = offs_d < DH
+    if BITS == 4:  # halves = even / odd elements
+        e_lo = 2 * offs_d
+        e_hi = 2 * offs_d + 1
+    else:
+        e_lo = offs_d
+        e_hi = offs_d + DH
+    qmask = row_ok[:, None] & dmask[None, :]
+    q_rows = q_ptr + (q_start + qi).to(tl.int64)[:, None] * stride_qt + hq[:, None] * stride_qh
+    q_lo = tl.load(q_rows + e_lo[None, :], mask=qmask, other=0.0).to(CT)
+    q_hi = tl.load(q_rows + e_hi[None, :], mask=qmask, other=0.0).to(CT)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc_lo = tl.zeros((BLOCK_M, BLOCK_DH), tl.float32)
+    acc_hi = tl.zeros((BLOCK_M, BLOCK_DH), tl.float32)
+    table = tables_ptr + b.to(tl.int64) * stride_bt
+    for start in tl.range(kv_lo, kv_hi, BLOCK_N, num_stages=NUM_STAGES):
+        t = start + tl.arange(0, BLOCK_N)
+        tv = t < kv_hi
+        blk = tl.load(table + t // PAGE, mask=tv, other=-1)
+        tv = tv & (blk >= 0)
+        row = (blk.to(tl.int64) * PAGE + t % PAGE) * Hk + hk
+        k_lo, k_hi = _load_kv(k_ptr, ksz_ptr, row, tv, offs_d, DH, BITS, CT)
+        s = _dot(q_lo, tl.trans(k_lo), F32) + _dot(q_hi, tl.trans(k_hi), F32)
+        s = tl.where(tv[None, :] & (t[None, :] <= pos[:, None]), s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_lo, v_hi = _load_kv(v_ptr, vsz_ptr, row, tv, offs_d, DH, BITS, CT)
+        pc = p.to(CT)
+        acc_lo = acc_lo * alpha[:, None] + _dot(pc, v_lo, F32)
+        acc_hi = acc_hi * alpha[:, None] + _dot(pc, v_hi, F32)
+        m_i = m_new
+
+    t_row = (q_start + qi).to(tl.int64)
+    if SPLITS > 1:  # partial results, merged by _merge_kernel
+        n_hq = Hk * G
+        part = (t_row * n_hq + hq) * SPLITS + split
+        ws = ws_ptr + part[:, None] * (2 * DH)
+        tl.store(ws + e_lo[None, :], acc_lo, mask=qmask)
+        tl.store(ws + e_hi[None, :], acc_hi, mask=qmask)
+        tl.store(ml_ptr + part * 2, m_i, mask=row_ok)
+        tl.store(ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+    else:
+        inv = (1.0 / tl.where(l_i > 0.0, l_i, 1.0))[:, None]  # no key (padded row): acc is 0, out 0
+        o_rows = o_ptr + t_row[:, None] * stride_ot + hq[:, None] * stride_oh
+        tl.store(o_rows + e_lo[None, :], (acc_lo * inv).to(o_ptr.dtype.element_ty), mask=qmask)
+        tl.store(o_rows + e_hi[None, :], (acc_hi * inv).to(o_ptr.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _merge_kernel(
+    ws_ptr,
+    ml_ptr,
+    o_ptr,
+    stride_ot,
+    stride_oh,
+    Hq,
+    D,
+    SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Combine the ``SPLITS`` partial ``(acc, m, l)`` of one (row, head) into the output."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    sp = tl.arange(0, BLOCK_S)
+    smask = sp < SPLITS
+    part = (t * Hq + h) * SPLITS + sp
+    m = tl.load(ml_ptr + part * 2, mask=smask, other=float("-inf"))
+    l = tl.load(ml_ptr + part * 2 + 1, mask=smask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # splits without keys weigh 0
+    total = tl.sum(w * l, axis=0)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.load(
+        ws_ptr + part[:, None] * D + offs_d[None, :], mask=smask[:, None] & (offs_d < D)[None, :], other=0.0
+    )
+    out = tl.sum(acc * w[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)  # no key at all: 0
+    tl.store(o_ptr + t * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=offs_d < D)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_splits(batch: int, num_kv_heads: int, max_tokens: int, device: torch.device) -> int:
+    """Split-KV factor from shapes only (stable under CUDA-graph replay): enough programs for ~2 waves on the
+    GPU, each split keeping at least 256 of the longest possible context's keys; a power of two."""
+    progs = batch * num_kv_heads
+    sms = _num_sms(device)
+    if progs >= sms or device.type != "cuda":
+        return 1
+    want = triton.next_power_of_2(triton.cdiv(2 * sms, progs))
+    cap = 1 << (max(1, max_tokens // 256).bit_length() - 1)  # largest power of two <= max_tokens / 256
+    return min(want, cap, MAX_SPLITS)
+
+
+def _check(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    k_sz: torch.Tensor | None,
+    v_sz: torch.Tensor | None,
+    bits: int,
+) -> tuple[int, int, int, int]:
+    """Validate the common inputs; returns (num_q_heads, num_kv_heads, head_dim, group)."""
+    if q.dim() != 3 or q.stride(2) != 1:
+        raise KernelInputError(
+            f"q must be [tokens, num_q_heads, head_dim] with a contiguous last dim, got shape "
+            f"{list(q.shape)} strides {q.stride()}"
+        )
+    if q.dtype not in Q_DTYPES:
+        raise KernelInputError(f"q must be fp16, bf16 or fp32, got {q.dtype}")
+    _, hq, d = q.shape
+    if k_cache.dim() != 4:
+        raise KernelInputError(
+            f"k_cache must be [num_blocks, block_size, num_kv_heads, W], got {list(k_cache.shape)}"
+        )
+    hk = k_cache.shape[2]
+    if hq % hk:
+        raise KernelInputError(f"num_q_heads {hq} must be a multiple of num_kv_heads {hk} (GQA)")
+    if d % 2:
+        raise KernelInputError(f"head_dim must be even, got {d}")
+    check_cache(k_cache, k_sz, bits, hk, d, "k")
+    check_cache(v_cache, v_sz, bits, hk, d, "v")
+    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+        raise KernelInputError("k_cache and v_cache must have the same shape and dtype")
+    page = k_cache.shape[1]
+    if page & (page - 1):
+        raise KernelInputError(f"block_size must be a power of two, got {page}")
+    if block_tables.dim() != 2 or block_tables.dtype != torch.int32 or block_tables.stride(1) != 1:
+        raise KernelInputError(
+            f"block_tables must be int32 [num_seqs, max_blocks] with contiguous rows, got "
+            f"{block_tables.dtype} {list(block_tables.shape)}"
+        )
+    nseq = block_tables.shape[0]
+    if seq_lens.shape != (nseq,) or seq_lens.dtype != torch.int32:
+        raise KernelInputError(
+            f"seq_lens must be int32 [{nseq}], got {seq_lens.dtype} {list(seq_lens.shape)}"
+        )
+    devices = {x.device for x in (q, k_cache, v_cache, block_tables, seq_lens)}
+    if len(devices) != 1:
+        raise KernelInputError(f"attention tensors must share one device, got {sorted(map(str, devices))}")
+    return hq, hk, d, hq // hk
+
+
+def _out(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1 or out.device != q.device:
+        raise KernelInputError(
+            f"out must be {q.dtype} {list(q.shape)} on {q.device} with a contiguous last dim, got "
+            f"{out.dtype} {list(out.shape)} on {out.device}"
+        )
+    return out
+
+
+def _launch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    k_sz: torch.Tensor | None,
+    v_sz: torch.Tensor | None,
+    bits: int,
+    out: torch.Tensor,
+    g: int,
+    n_tiles: int,
+    splits: int,
+    block_m: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+    decode: bool,
+) -> None:
+    t, hq, d = q.shape
+    hk = k_cache.shape[2]
+    nseq = block_tables.shape[0]
+    dh = d // 2
+    if splits > 1:
+        ws = torch.empty((t, hq, splits, d), dtype=torch.float32, device=q.device)
+        ml = torch.empty((t, hq, splits, 2), dtype=torch.float32, device=q.device)
+    else:
+        ws = ml = out
+    f32 = q.dtype == torch.float32 or interpreting()
+    _paged_attn_kernel[(nseq, hk, n_tiles * splits)](
+        q,
+        k_cache,
+        v_cache,
+        k_sz if bits else k_cache,
+        v_sz if bits else v_cache,
+        out,
+        ws,
+        ml,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        block_tables.shape[1],
+        hk,
+        dh,
+        G=g,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_DH=max(16, triton.next_power_of_2(dh)),
+        PAGE=k_cache.shape[1],
+        BITS=bits,
+        SPLITS=splits,
+        DECODE=decode,
+        CT=tl.float32 if f32 else (tl.float16 if q.dtype == torch.float16 else tl.bfloat16),
+        F32=f32,
+        NUM_STAGES=num_stages,
+        num_warps=num_warps,
+    )
+    if splits > 1:
+        _merge_kernel[(t, hq)](
+            ws,
+            ml,
+            out,
+            out.stride(0),
+            out.stride(1),
+            hq,
+            d,
+            SPLITS=splits,
+            BLOCK_S=triton.next_power_of_2(splits),
+            BLOCK_D=triton.next_power_of_2(d),
+            num_warps=4 if d >= 128 else 2,
+        )
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    k_sz: torch.Tensor | None = None,
+    v_sz: torch.Tensor | None = None,
+    bits: int = 0,
+    config: AttentionConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query token per sequence: ``q [B, Hq, D]`` (row ``b`` is sequence ``b``) over ``seq_lens[b]``
+    cached tokens -> ``[B, Hq, D]`` in ``q.dtype``.
+
+    No host synchronisation and a grid that depends only on shapes: capturable in a CUDA graph. Rows with
+    ``seq_lens`` 0 give zeros."""
+    cfg = config or AttentionConfig()
+    _, hk, d, g = _check(q, k_cache, v_cache, block_tables, seq_lens, k_sz, v_sz, bits)
+    if q.shape[0] != block_tables.shape[0]:
+        raise KernelInputError(
+            f"decode takes one query per sequence: q has {q.shape[0]} rows for {block_tables.shape[0]} "
+            "sequences"
+        )
+    out = _out(q, out)
+    if q.shape[0] == 0:
+        return out
+    block_m = cfg.block_m or max(16, triton.next_power_of_2(g))
+    if block_m < g or block_m & (block_m - 1) or block_m < 16:
+        raise KernelInputError(f"decode block_m must be a power of two >= max(16, group {g}), got {block_m}")
+    block_n = cfg.block_n or (32 if d > 128 else 64)
+    page = k_cache.shape[1]
+    splits = cfg.num_splits or decode_splits(q.shape[0], hk, block_tables.shape[1] * page, q.device)
+    splits = max(1, min(splits, MAX_SPLITS))
+    _launch(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,  # unused with DECODE
+        seq_lens,
+        scale,
+        k_sz,
+        v_sz,
+        bits,
+        out,
+        g,
+        1,
+        splits,
+        block_m,
+        block_n,
+        cfg.num_warps or 4,
+        cfg.num_stages or 2,
+        True,
+    )
+    return out
+
+
+def paged_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    k_sz: torch.Tensor | None = None,
+    v_sz: torch.Tensor | None = None,
+    bits: int = 0,
+    config: AttentionConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Varlen causal attention of ``q [T, Hq, D]`` over the paged cache (``paged_attention_ref``'s contract):
+    queries of sequence ``b`` are rows ``query_start_loc[b]:query_start_loc[b + 1]``, the last of its
+    ``seq_lens[b]`` cached tokens (a cached prefix, then the chunk). ``max_query_len`` sizes the grid."""
+    cfg = config or AttentionConfig()
+    _, _, d, g = _check(q, k_cache, v_cache, block_tables, seq_lens, k_sz, v_sz, bits)
+    nseq = block_tables.shape[0]
+    if query_start_loc.shape != (nseq + 1,) or query_start_loc.dtype != torch.int32:
+        raise KernelInputError(
+            f"query_start_loc must be int32 [{nseq + 1}], got {query_start_loc.dtype} "
+            f"{list(query_start_loc.shape)}"
+        )
+    if query_start_loc.device != q.device:
+        raise KernelInputError(f"query_start_loc is on {query_start_loc.device}, q on {q.device}")
+    out = _out(q, out)
+    if q.shape[0] == 0 or max_query_len <= 0:
+        return out
+    block_m = cfg.block_m or max(64, triton.next_power_of_2(g))
+    if block_m < g or block_m & (block_m - 1) or block_m < 16:
+        raise KernelInputError(f"prefill block_m must be a power of two >= max(16, group {g}), got {block_m}")
+    block_n = cfg.block_n or (32 if d > 128 else 64)
+    n_tiles = triton.cdiv(max_query_len, block_m // g)
+    _launch(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        scale,
+        k_sz,
+        v_sz,
+        bits,
+        out,
+        g,
+        n_tiles,
+        1,
+        block_m,
+        block_n,
+        cfg.num_warps or 4,
+        cfg.num_stages or 2,
+        False,
+    )
+    return out

@@ -1,0 +1,234 @@
+"""Triton KV write and paged attention vs the pure-torch references, under the Triton interpreter (small
+shapes: odd lengths across block boundaries, GQA, int8/int4 caches, split-KV, padded rows, prefix hits)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lmkiln.kernels.attention_ref import dequantize_kv_ref, paged_attention_ref, write_kv_ref
+
+from lmkiln.engine.kv_cache import KVCache
+from lmkiln.errors import KernelInputError
+
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # max |out - ref| (|out| <~ 2)
+
+
+@pytest.fixture(autouse=True)
+def _interpreted() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CPU-interpreter test; test_paged_attention_gpu.py covers the kernels on CUDA")
+    triton = pytest.importorskip("triton")
+    from lmkiln.kernels import paged_attention
+
+    if not isinstance(paged_attention._paged_attn_kernel, triton.runtime.interpreter.InterpretedFunction):
+        pytest.skip("lmkiln.kernels.paged_attention was imported before TRITON_INTERPRET=1 was set")
+
+
+def _layer(bits: int, dtype: torch.dtype, nblocks: int, page: int, hk: int, d: int):
+    return KVCache(1, nblocks, page, hk, d, dtype, "cpu", quant_policy=bits)[0]
+
+
+def _copy(c):
+    return [None if x is None else x.clone() for x in (c.k, c.v, c.k_sz, c.v_sz)]
+
+
+@pytest.mark.parametrize("bits", [0, 8, 4])
+@pytest.mark.parametrize(
+    ("dtype", "hk", "d"), [(torch.float32, 3, 48), (torch.float16, 2, 32), (torch.bfloat16, 5, 64)]
+)
+def test_write_kv_bit_identical_to_reference(bits, dtype, hk, d) -> None:
+    from lmkiln.kernels.kv_cache import write_kv
+
+    g = torch.Generator().manual_seed(bits + d)
+    t, nblocks, page = 11, 4, 8
+    k = (torch.randn(t, hk, d, generator=g) * 3 + 1).to(dtype)
+    v = torch.randn(t, 2 * hk, d, generator=g).to(dtype)[:, ::2]  # strided heads (a view of a wider tensor)
+    slots = torch.randperm(nblocks * page, generator=g)[:t]
+    slots[[2, 7]] = -1  # padding rows: skipped
+    got, want = _layer(bits, dtype, nblocks, page, hk, d), _layer(bits, dtype, nblocks, page, hk, d)
+    for c in (got, want):  # a sentinel everywhere, so a stray write shows
+        c.k.fill_(7)
+        c.v.fill_(7)
+        if bits:
+            c.k_sz.fill_(7)
+            c.v_sz.fill_(7)
+    write_kv(k, v, got.k, got.v, slots, got.k_sz, got.v_sz, bits)
+    keep = slots >= 0
+    write_kv_ref(k[keep], v[keep], want.k, want.v, slots[keep], want.k_sz, want.v_sz, bits)
+    for a, b in zip(_copy(got), _copy(want), strict=True):
+        if a is not None:
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_write_kv_constant_rows(bits) -> None:
+    """A head whose values are all equal (range 0: the scale rounds to 0 in fp16) dequantizes to the value."""
+    from lmkiln.kernels.kv_cache import write_kv
+
+    x = torch.full((2, 1, 16), 0.375)
+    x[1, 0, 3] = -1.0  # a normal row next to it
+    c = _layer(bits, torch.float32, 1, 4, 1, 16)
+    write_kv(x, x, c.k, c.v, torch.tensor([0, 1]), c.k_sz, c.v_sz, bits)
+    deq = dequantize_kv_ref(c.k[0, :2], c.k_sz[0, :2], bits, torch.float32)
+    assert torch.equal(deq[0], x[0]) and c.k_sz[0, 0, 0, 0] == 0
+    ref = _layer(bits, torch.float32, 1, 4, 1, 16)
+    write_kv_ref(x[1:], x[1:], ref.k, ref.v, torch.tensor([1]), ref.k_sz, ref.v_sz, bits)
+    assert torch.equal(c.k[0, 1], ref.k[0, 1]) and torch.equal(c.k_sz[0, 1], ref.k_sz[0, 1])
+
+
+def _batch(shapes, bits, dtype, hq, hk, d, page, seed=0, pad_rows=0):
+    """A cache holding each sequence's (cached prefix + new) tokens (written by the reference; the write
+    kernel is bit-identical to it), every unused block poisoned with NaN; the step's metadata and queries."""
+    g = torch.Generator().manual_seed(seed)
+    need = sum(-(-(c + n) // page) for c, n in shapes)
+    nblocks = need + 3
+    c = _layer(bits, dtype, nblocks, page, hk, d)
+    # block 0 is in use (the reference reads it for -1 table entries); the spare ones are poisoned
+    used = [0, *(torch.randperm(nblocks - 1, generator=g)[: need - 1] + 1).tolist()]
+    spare = sorted(set(range(nblocks)) - set(used))
+    if bits:
+        c.k_sz[spare], c.v_sz[spare] = float("nan"), float("nan")
+    else:
+        c.k[spare], c.v[spare] = float("nan"), float("nan")
+    tables, slots = [], []
+    for ctx, new in shapes:
+        tab = [used.pop() for _ in range(-(-(ctx + new) // page))]
+        tables.append(tab)
+        slots += [tab[p // page] * page + p % page for p in range(ctx + new)]
+    n = len(slots)
+    k = torch.randn(n, hk, d, generator=g).to(dtype)
+    v = torch.randn(n, hk, d, generator=g).to(dtype)
+    write_kv_ref(k, v, c.k, c.v, torch.tensor(slots), c.k_sz, c.v_sz, bits)
+    width = max(map(len, tables)) + 1
+    tables += [[]] * pad_rows
+    bt = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32)
+    q_lens = [new for _, new in shapes] + [1] * pad_rows
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    lens = torch.tensor([ctx + new for ctx, new in shapes] + [0] * pad_rows, dtype=torch.int32)
+    q = torch.randn(sum(q_lens), hq, d, generator=g).to(dtype)
+    return c, q, bt, qsl, lens, max(q_lens)
+
+
+def _check_close(out, ref, dtype, rows):
+    assert torch.isfinite(out).all()
+    err = (out[:rows].float() - ref[:rows].float()).abs().max().item()
+    assert err < TOL[dtype], err
+
+
+@pytest.mark.parametrize(
+    ("bits", "dtype", "hq", "hk", "d", "page", "splits"),
+    [
+        (0, torch.float32, 4, 4, 64, 16, 1),
+        (8, torch.float32, 6, 2, 64, 16, 4),
+        (4, torch.float32, 6, 2, 32, 64, 2),
+        (0, torch.bfloat16, 8, 2, 32, 16, 3),
+        (8, torch.float16, 4, 1, 128, 16, 2),
+        (4, torch.float16, 3, 3, 16, 64, 1),
+    ],
+)
+def test_decode_matches_reference(bits, dtype, hq, hk, d, page, splits) -> None:
+    """Lengths 1, 17, 69, 130 across block boundaries, one padded row (seq_len 0, table -1): zeros."""
+    from lmkiln.kernels.paged_attention import AttentionConfig, paged_decode
+
+    shapes = [(0, 1), (16, 1), (68, 1), (129, 1)]
+    c, q, bt, qsl, lens, _ = _batch(shapes, bits, dtype, hq, hk, d, page, seed=hq + d, pad_rows=1)
+    ref = paged_attention_ref(q[:4], c.k, c.v, bt[:4], qsl[:5], lens[:4], d**-0.5, c.k_sz, c.v_sz, bits)
+    out = paged_decode(
+        q, c.k, c.v, bt, lens, d**-0.5, c.k_sz, c.v_sz, bits, AttentionConfig(num_splits=splits)
+    )
+    assert out.dtype == dtype and out.shape == q.shape
+    _check_close(out, ref, dtype, 4)
+    assert not out[4].any()
+
+
+@pytest.mark.parametrize(
+    ("bits", "dtype", "hq", "hk", "d", "page", "block_m"),
+    [
+        (0, torch.float32, 6, 2, 32, 16, 0),
+        (8, torch.float32, 4, 4, 64, 64, 16),
+        (4, torch.float32, 6, 2, 64, 16, 32),
+        (0, torch.float16, 2, 2, 32, 64, 0),
+        (4, torch.bfloat16, 3, 1, 32, 16, 16),
+    ],
+)
+def test_prefill_matches_reference(bits, dtype, hq, hk, d, page, block_m) -> None:
+    """A mixed batch: prefill from scratch, a prefix-cache hit, a chunk after a long prefix, decode rows."""
+    from lmkiln.kernels.paged_attention import AttentionConfig, paged_prefill
+
+    shapes = [(0, 7), (37, 5), (5, 40), (12, 1), (0, 1), (64, 16)]
+    c, q, bt, qsl, lens, max_q = _batch(shapes, bits, dtype, hq, hk, d, page, seed=hq * d + bits)
+    ref = paged_attention_ref(q, c.k, c.v, bt, qsl, lens, d**-0.5, c.k_sz, c.v_sz, bits)
+    cfg = AttentionConfig(block_m=block_m, block_n=16 if block_m else 0)
+    out = paged_prefill(q, c.k, c.v, bt, qsl, lens, max_q, d**-0.5, c.k_sz, c.v_sz, bits, cfg)
+    _check_close(out, ref, dtype, q.shape[0])
+
+
+def test_decode_and_prefill_kernels_agree_on_a_decode_batch() -> None:
+    from lmkiln.kernels.paged_attention import AttentionConfig, paged_decode, paged_prefill
+
+    c, q, bt, qsl, lens, _ = _batch([(30, 1), (3, 1), (90, 1)], 8, torch.float32, 4, 2, 32, 16, seed=3)
+    a = paged_decode(q, c.k, c.v, bt, lens, 0.3, c.k_sz, c.v_sz, 8, AttentionConfig(num_splits=3))
+    b = paged_prefill(q, c.k, c.v, bt, qsl, lens, 1, 0.3, c.k_sz, c.v_sz, 8)
+    torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
+
+
+def test_launchers_reject_bad_inputs() -> None:
+    from lmkiln.kernels.kv_cache import write_kv
+    from lmkiln.kernels.paged_attention import paged_decode, paged_prefill
+
+    c, q, bt, qsl, lens, _ = _batch([(5, 1), (9, 1)], 4, torch.float32, 4, 2, 32, 16)
+    with pytest.raises(KernelInputError, match="multiple of num_kv_heads"):
+        paged_decode(q[:, :3], c.k, c.v, bt, lens, 1.0, c.k_sz, c.v_sz, 4)
+    with pytest.raises(KernelInputError, match="needs its"):
+        paged_decode(q, c.k, c.v, bt, lens, 1.0, None, c.v_sz, 4)
+    with pytest.raises(KernelInputError, match=r"\[num_blocks, block_size, 2, 32\] for 2 KV heads"):
+        paged_decode(q, c.k, c.v, bt, lens, 1.0, c.k_sz, c.v_sz, 8)  # int4 cache passed as int8
+    with pytest.raises(KernelInputError, match="seq_lens must be int32"):
+        paged_decode(q, c.k, c.v, bt, lens.long(), 1.0, c.k_sz, c.v_sz, 4)
+    with pytest.raises(KernelInputError, match="one query per sequence"):
+        paged_decode(q[:1], c.k, c.v, bt, lens, 1.0, c.k_sz, c.v_sz, 4)
+    with pytest.raises(KernelInputError, match="query_start_loc"):
+        paged_prefill(q, c.k, c.v, bt, qsl[:-1], lens, 1, 1.0, c.k_sz, c.v_sz, 4)
+    with pytest.raises(KernelInputError, match="contiguous last dim"):
+        paged_prefill(q.transpose(1, 2), c.k, c.v, bt, qsl, lens, 1, 1.0, c.k_sz, c.v_sz, 4)
+    k = torch.randn(2, 2, 31)
+    with pytest.raises(KernelInputError, match="odd"):
+        write_kv(k, k, c.k, c.v, torch.tensor([0, 1]), c.k_sz, c.v_sz, 4)
+    with pytest.raises(KernelInputError, match="slot_mapping"):
+        write_kv(q[:, :2], q[:, :2], c.k, c.v, torch.tensor([0.0, 1.0]), c.k_sz, c.v_sz, 4)
+
+
+def test_triton_backend_runs_the_engine_like_the_torch_backend(tiny_llama_dir, monkeypatch) -> None:
+    """Greedy tokens and logprobs of the tiny Llama (GQA 4/2) with the Triton backend (int4 cache, padded
+    decode buffers as the CUDA-graph path uses) equal the torch backend's."""
+    from lmkiln.engine import LLMEngine, SamplingParams
+    from lmkiln.engine.attention import TritonAttentionBackend
+
+    prompts = [list(range(3, 24)), [7, 8], [*range(40, 53), 5]]
+    p = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=1)
+    kw = dict(block_size=4, cache_max_entry_count=64, max_num_seqs=4, session_len=64, quant_policy=4)
+    want = LLMEngine.from_pretrained(tiny_llama_dir, **kw).generate(prompts, p)
+    monkeypatch.setenv("LMKILN_ATTENTION", "triton")
+    eng = LLMEngine.from_pretrained(tiny_llama_dir, **kw)
+    assert isinstance(eng.runner.backend, TritonAttentionBackend)
+    eng.runner.enable_decode_graphs(capture=False)
+    got = eng.generate(prompts, p)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    for a, b in zip(got, want, strict=True):
+        assert [x.logprob for x in a.logprobs] == pytest.approx([x.logprob for x in b.logprobs], abs=1e-4)
+
+
+def test_make_attention_backend(monkeypatch) -> None:
+    from lmkiln.engine.attention import TorchAttentionBackend, TritonAttentionBackend, make_attention_backend
+    from lmkiln.engine.errors import EngineConfigError
+
+    monkeypatch.delenv("LMKILN_ATTENTION", raising=False)
+    assert isinstance(make_attention_backend("cpu"), TorchAttentionBackend)
+    assert isinstance(make_attention_backend(torch.device("cuda", 0)), TritonAttentionBackend)
+    monkeypatch.setenv("LMKILN_ATTENTION", "torch")
+    assert isinstance(make_attention_backend("cuda"), TorchAttentionBackend)
+    monkeypatch.setenv("LMKILN_ATTENTION", "Triton")
+    assert isinstance(make_attention_backend("cpu"), TritonAttentionBackend)
+    monkeypatch.setenv("LMKILN_ATTENTION", "flash")
+    with pytest.raises(EngineConfigError, match="LMKILN_ATTENTION"):
+        make_attention_backend("cpu")
