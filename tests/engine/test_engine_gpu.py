@@ -1,0 +1,92 @@
+"""The engine on a CUDA GPU: CUDA-graph decode against transformers and against the eager oracle, and a
+packed dir served through the W4A16 kernels (Int4Linear over fused q/k/v and gate/up)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmkiln.engine import LLMEngine, SamplingParams, load_model
+from lmkiln.engine.config import EngineConfig
+
+pytestmark = pytest.mark.gpu
+
+TEXTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Photosynthesis is the process by which",
+    "Once upon a time, in a small village,",
+]
+N_TOKENS = 64
+GREEDY = SamplingParams(temperature=0, max_tokens=N_TOKENS, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2_tokenizer) -> list[list[int]]:
+    return [smollm2_tokenizer(t)["input_ids"] for t in TEXTS]
+
+
+def _engine(model_dir: Path, loaded=None, **kw) -> LLMEngine:
+    cfg = EngineConfig(model_dir, device="cuda", dtype="float16", max_num_seqs=8, session_len=256,
+                       cache_max_entry_count=0.2, **kw)
+    return LLMEngine(cfg, loaded=loaded)
+
+
+def _hf_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float16).cuda().eval()
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=N_TOKENS,
+                                 min_new_tokens=N_TOKENS, do_sample=False)
+            out.append(ids[0, len(p):].tolist())
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def test_graphs_match_transformers_and_eager(smollm2_dir, prompts) -> None:
+    eng = _engine(smollm2_dir)
+    graphs = eng.runner.decode_graphs
+    assert graphs is not None and sorted(graphs.graphs) == [1, 2, 4, 8], "decode graphs were not captured"
+    got = [o.token_ids for o in eng.generate(prompts, GREEDY)]
+    assert got == _hf_greedy(smollm2_dir, prompts)
+    eager = _engine(smollm2_dir, loaded=eng.loaded, eager=True)
+    assert eager.runner.decode_graphs is None
+    assert [o.token_ids for o in eager.generate(prompts, GREEDY)] == got
+    # 3 sequences replay the batch-4 graph with a pad row (slot -1, seq_len 0)
+    assert [o.token_ids for o in eng.generate(prompts[:3], GREEDY)] == got[:3]
+
+
+@pytest.fixture(scope="module")
+def smollm2_packed(smollm2_dir, tmp_path_factory) -> Path:
+    from lmkiln.quant.awq import rtn_quantize
+    from lmkiln.quant.pack import pack_checkpoint
+    from lmkiln.quant.rtn import QuantSpec
+
+    tmp = tmp_path_factory.mktemp("smol-int4")
+    return pack_checkpoint(rtn_quantize(smollm2_dir, tmp / "rtn", QuantSpec(4, 64), progress=False),
+                           tmp / "packed")
+
+
+def test_packed_int4_on_gpu(smollm2_packed, prompts) -> None:
+    on = load_model(smollm2_packed, "cuda", "float16")  # auto: int4 linears on CUDA
+    assert on.int4 and type(on.model.model.layers[0].mlp.gate_up_proj).__name__ == "Int4Linear"
+    off = load_model(smollm2_packed, "cuda", "float16", int4="off")
+    ids = torch.tensor([prompts[0]], device="cuda")
+    with torch.no_grad():
+        a, b = on.model(ids).float(), off.model(ids).float()
+    assert (a - b).abs().max() < 0.05 * b.abs().max()
+    assert (a[0, -1].argmax() == b[0, -1].argmax()).item()
+    eng = _engine(smollm2_packed, loaded=on)
+    assert eng.runner.decode_graphs is not None
+    got = [o.token_ids for o in eng.generate(prompts, GREEDY)]
+    eager = _engine(smollm2_packed, loaded=on, eager=True)
+    assert [o.token_ids for o in eager.generate(prompts, GREEDY)] == got
+    ref = [o.token_ids for o in _engine(smollm2_packed, loaded=off, eager=True).generate(prompts, GREEDY)]
+    agree = sum(x == y for g, r in zip(got, ref, strict=True) for x, y in zip(g[:16], r[:16], strict=True))
+    assert agree >= 0.9 * 16 * len(prompts)  # int4 kernels vs dequantized fp16: rounding may flip one
