@@ -337,7 +337,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("decode tokens / s")
     ax.set_title(f"decode throughput, {report['device']}\n{report['model']}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     from lmkiln.artifact import atomic_path
 
@@ -387,6 +388,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     session_len = max(a.prompt_len + a.output_len, a.throughput_prompt_len + a.throughput_output_len,
                       a.session_turns * (a.session_turn_len + a.session_output_len)) + 8
     max_seqs = max(max(a.batch_sizes), 1 if a.skip_throughput else min(a.num_requests, a.max_num_seqs))
+    if a.skip_decode:  # only the primary model's throughput (and session) runs on our engine
+        variants = variants[:1] if not (a.skip_throughput and a.skip_session) else []
     for i, (name, path, dtype) in enumerate(variants):
         loaded = load_model(path, device, dtype)
         vocab = loaded.config.vocab_size
@@ -395,7 +398,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             "weight_gib": loaded.weight_bytes / 2**30,
         }
         eng = _engine(path, loaded, str(device), max_seqs, session_len, eager=a.eager)
-        report["decode"][name] = bench_decode_ours(eng, a.batch_sizes, a.prompt_len, a.output_len, vocab)
+        if not a.skip_decode:
+            report["decode"][name] = bench_decode_ours(eng, a.batch_sizes, a.prompt_len, a.output_len, vocab)
         if i == 0 and not a.skip_session:
             report["session"] = bench_session(eng, a.session_turns, a.session_turn_len, a.session_output_len,
                                               vocab)
@@ -465,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (the oracle)")
     p.add_argument("--skip-hf", action="store_true", help="no transformers baseline")
     p.add_argument("--skip-hf-int4", action="store_true", help="no transformers + tinygemm int4 baseline")
+    p.add_argument("--skip-decode", action="store_true", help="no decode sweep of our engine")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-session", action="store_true")
     return p
