@@ -13,15 +13,14 @@ from lmkiln.eval.engine_ppl import engine_perplexity, evaluate_engine
 from lmkiln.eval.ppl import perplexity
 
 
-@pytest.fixture(scope="module")
-def packed_qwen(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture()
+def packed_qwen(tmp_path, make_tiny_model):
     from lmkiln.quant.awq import rtn_quantize
     from lmkiln.quant.pack import pack_checkpoint
     from lmkiln.quant.rtn import QuantSpec
-    from tests.conftest import write_tiny_model
 
-    tmp = tmp_path_factory.mktemp("ppl")
-    src = write_tiny_model(tmp / "qwen", "qwen2", seed=1)
+    tmp = tmp_path
+    src = make_tiny_model(tmp / "qwen", "qwen2", seed=1)
     return pack_checkpoint(rtn_quantize(src, tmp / "awq", QuantSpec(4, 64), progress=False), tmp / "packed")
 
 

@@ -15,16 +15,15 @@ from lmkiln.layers import Int4Linear
 PROMPTS = [list(range(3, 24)), [7, 8], [*range(40, 53), 5]]
 
 
-@pytest.fixture(scope="module")
-def packed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture()
+def packed_dir(tmp_path: Path, make_tiny_model) -> Path:
     """A packed qwen2 (q/k/v biases) whose hidden size 192 makes the packer pad K to 256."""
     from lmkiln.quant.awq import rtn_quantize
     from lmkiln.quant.pack import pack_checkpoint
     from lmkiln.quant.rtn import QuantSpec
-    from tests.conftest import write_tiny_model
 
-    tmp = tmp_path_factory.mktemp("int4")
-    src = write_tiny_model(
+    tmp = tmp_path
+    src = make_tiny_model(
         tmp / "qwen", "qwen2", hidden_size=192, num_attention_heads=3, num_key_value_heads=1
     )
     awq = rtn_quantize(src, tmp / "awq", QuantSpec(4, 64), progress=False)
