@@ -1,18 +1,24 @@
 # lmkiln: checkpoint -> calibration stats -> AWQ int4 -> quality gate.
-# Targets: `snakemake quantize`; `snakemake serve` (the packed model behind the OpenAI API, in the
-# foreground). Settings: config.yaml (schema: workflow/schemas/config.schema.yaml).
+# Targets: `snakemake quantize`; `snakemake bench` (every measurement of the artifact; then
+# `snakemake bench --report results/<model>/report.html`); `snakemake serve` (the packed model behind the
+# OpenAI API, in the foreground). Settings: config.yaml (schema: workflow/schemas/config.schema.yaml).
 
 configfile: "config.yaml"
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/quantize.smk"
 include: "workflow/rules/serve.smk"
+include: "workflow/rules/bench.smk"
 
 
 localrules:
     quantize,
+    bench,
     serve,
 
 
@@ -23,5 +29,12 @@ rule quantize:
     default_target: True
 
 
+rule bench:
+    """Measure the artifact (quality, engine, serving, kernels where a GPU is) and summarize the results."""
+    input:
+        lambda wildcards: bench_targets(),  # planned only when asked for (it probes for a GPU)
+
+
 onsuccess:
     print_summary()
+    print_bench_summary()

@@ -149,6 +149,17 @@ def cmd_bench_quantize(a: argparse.Namespace) -> None:
     sys.exit(bench_main(a.rest))
 
 
+def cmd_bench_report(a: argparse.Namespace) -> None:
+    """``bench quality | plot | summary``: the measurements and figures of ``snakemake bench``."""
+    import importlib
+
+    module, func = {"quality": ("lmkiln.bench.quality", "main"),
+                    "kv-ppl": ("lmkiln.bench.quality", "kv_main"),
+                    "plot": ("lmkiln.bench.plots", "main"),
+                    "summary": ("lmkiln.report", "summary_main")}[a.cmd]
+    sys.exit(getattr(importlib.import_module(module), func)(a.rest))
+
+
 def _add_engine_args(p: argparse.ArgumentParser, cache_default: str = "0.8") -> None:
     p.add_argument("model_dir", type=Path, help="HF, AWQ or packed model directory")
     p.add_argument("--model-format", choices=["hf", "awq"], default=None,
@@ -332,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
                       add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_bench_serve)
+    for name, help_ in (("quality", "next-token agreement with fp16, model size on disk / in memory"),
+                        ("kv-ppl", "perplexity through the engine with the KV cache in fp / int8 / int4"),
+                        ("plot", "a figure of `snakemake bench` (ppl bars, tok/s vs batch, latency CDFs)"),
+                        ("summary", "the results table of `snakemake bench` (markdown + HTML)")):
+        s = bn.add_parser(name, help=help_, add_help=False)
+        s.add_argument("rest", nargs=argparse.REMAINDER)
+        s.set_defaults(func=cmd_bench_report)
     s = bn.add_parser("engine", help="engine decode tok/s vs batch (ours vs HF), throughput, session TTFT",
                       add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)

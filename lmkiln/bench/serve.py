@@ -224,6 +224,7 @@ def report(results: list[RequestResult], duration: float, after: dict[str, float
         "ttft_s": percentiles(ttft),
         "tpot_s": percentiles(tpot),
         "itl_s": percentiles(itl),
+        "samples": {"ttft_s": ttft, "tpot_s": tpot},  # per request, for latency CDFs
         "after": after,
         "checks": checks,
         "passed": all(checks.values()),
@@ -319,6 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _InProcessServer(a.model_dir, a.device, parse_cache_entry(a.cache_max_entry_count),
                               a.session_len) as srv:
             result = asyncio.run(run_load(srv.url, cfg))
+        from lmkiln.bench.quality import describe_device
+        from lmkiln.engine.loader import resolve_device
+
+        result["device"] = describe_device(resolve_device(a.device))
     text = json.dumps(result, indent=2)
     if a.out is not None:
         a.out.parent.mkdir(parents=True, exist_ok=True)
