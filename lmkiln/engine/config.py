@@ -38,6 +38,7 @@ class EngineConfig:
     eager: bool = False  # True: no CUDA graphs for decode (the oracle); the CPU always runs eagerly
     seed: int = 0
     verify_artifact: bool = True  # check every artifact file against its sha256 in manifest.json on load
+    tp: int = 1  # tensor parallel degree: ranks (GPUs of one host) the model is split over
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
@@ -70,3 +71,5 @@ class EngineConfig:
             raise EngineConfigError(f"session_len must be >= 2, got {self.session_len}")
         if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise EngineConfigError(f"dtype must be auto, float16, bfloat16 or float32, got {self.dtype!r}")
+        if isinstance(self.tp, bool) or not isinstance(self.tp, int) or self.tp < 1:
+            raise EngineConfigError(f"tp (tensor parallel degree) must be an int >= 1, got {self.tp!r}")

@@ -18,10 +18,11 @@ from typing import Any
 from lmkiln.engine.block_manager import BlockManager
 from lmkiln.engine.config import EngineConfig
 from lmkiln.engine.detokenizer import IncrementalDetokenizer
-from lmkiln.engine.errors import RequestError
+from lmkiln.engine.errors import EngineConfigError, RequestError
 from lmkiln.engine.loader import LoadedModel, load_model
 from lmkiln.engine.model_runner import ModelRunner, plan_num_blocks
 from lmkiln.engine.outputs import Logprobs, SchedulerOutput
+from lmkiln.engine.parallel import ParallelModelRunner, ShardBuilder
 from lmkiln.engine.request_output import RequestOutput
 from lmkiln.engine.sampling_params import SamplingParams
 from lmkiln.engine.scheduler import Scheduler
@@ -65,16 +66,30 @@ def _eos_ids(model_dir: Path, tokenizer: Any, hf_config: Any) -> tuple[int, ...]
 
 class LLMEngine:
     def __init__(
-        self, config: EngineConfig, tokenizer: Any = None, loaded: LoadedModel | None = None
+        self,
+        config: EngineConfig,
+        tokenizer: Any = None,
+        loaded: LoadedModel | None = None,
+        shard_builder: ShardBuilder | None = None,
     ) -> None:
-        """``loaded``: reuse a model already loaded from ``config.model_dir`` (weights are read-only)."""
+        """``loaded``: reuse a model already loaded from ``config.model_dir`` (weights are read-only).
+        With ``config.tp > 1`` every rank loads its own shard instead (``shard_builder``: how; default from
+        ``config.model_dir``, see :mod:`lmkiln.engine.parallel`); call :meth:`shutdown` when done."""
         self.config = config
-        if loaded is None:
+        runner: ParallelModelRunner | None = None
+        if config.tp > 1:
+            if loaded is not None:
+                raise EngineConfigError(
+                    "with tp > 1 every rank loads its own shard: pass shard_builder, not loaded"
+                )
+            runner = ParallelModelRunner(config, shard_builder)  # starts ranks 1..tp-1; rank 0 is here
+            loaded = runner.loaded
+        elif loaded is None:
             loaded = load_model(config.model_dir, config.device, config.dtype, verify=config.verify_artifact)
         self.loaded = loaded
         self.model_config = loaded.config
         self.session_len = config.session_len or loaded.config.max_position_embeddings
-        num_blocks = plan_num_blocks(config, loaded, self.session_len)
+        num_blocks = runner.num_blocks if runner else plan_num_blocks(config, loaded, self.session_len)
         max_num_seqs = config.max_num_seqs
         if num_blocks < max_num_seqs:
             log.info("the KV cache holds %d blocks: at most %d sequences run at once", num_blocks, num_blocks)
@@ -87,7 +102,7 @@ class LLMEngine:
             config.max_num_batched_tokens or config.max_prefill_token_num,
             config.max_prefill_token_num,
         )
-        self.runner = ModelRunner(loaded, num_blocks, config)
+        self.runner = runner or ModelRunner(loaded, num_blocks, config)
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer(Path(config.model_dir))
         self.eos_token_ids = _eos_ids(Path(config.model_dir), self.tokenizer, loaded.config.hf_config)
         self._requests: dict[str, _Request] = {}
@@ -259,3 +274,17 @@ class LLMEngine:
         return [final[i] for i in ids]
 
     __call__ = generate
+
+    # ---------------------------------------------------------------------------------------- lifetime
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes (nothing to do with one device). Also runs at exit."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
