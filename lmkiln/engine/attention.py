@@ -49,12 +49,45 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
-class TorchAttentionBackend:
+class _Backend:
+    """``forward``: the int4 cache's rotation (see :mod:`lmkiln.engine.kv_cache`) around ``_attend``."""
+
+    name = ""
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: LayerKVCache,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        rot = cache.rotation
+        if rot is None:
+            return self._attend(q, k, v, cache, meta, scale)
+        rot = rot.to(q.dtype)
+        out = self._attend(q @ rot, k @ rot, v @ rot, cache, meta, scale)
+        return out @ rot.T
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cache: LayerKVCache,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchAttentionBackend(_Backend):
     """Reference attention: write K/V with ``write_kv_ref``, attend with ``paged_attention_ref``."""
 
     name = "torch"
 
-    def forward(
+    def _attend(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
@@ -80,7 +113,7 @@ class TorchAttentionBackend:
         )
 
 
-class TritonAttentionBackend:
+class TritonAttentionBackend(_Backend):
     """Triton kernels: ``write_kv`` (quantizing for int8/int4 caches), then the split-KV decode kernel for
     decode-only steps or the varlen prefill kernel (prefix hits, chunked prefill, mixed batches)."""
 
@@ -93,7 +126,7 @@ class TritonAttentionBackend:
         self._decode = paged_attention.paged_decode
         self._prefill = paged_attention.paged_prefill
 
-    def forward(
+    def _attend(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
