@@ -167,7 +167,9 @@ def _add_engine_args(p: argparse.ArgumentParser, cache_default: str = "0.8") -> 
                         "value is reported and the manifest wins)")
     p.add_argument("--quant-policy", type=int, choices=[0, 4, 8], default=0,
                    help="KV cache: 0 = fp, 8 = int8, 4 = int4")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (only 1 for now)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor parallelism: split the model over this many GPUs of this host (cuda:0..N-1 "
+                        "of CUDA_VISIBLE_DEVICES)")
     p.add_argument("--cache-max-entry-count", default=cache_default,
                    help="KV cache: a fraction of free memory (0.8) or a block count (512)")
     p.add_argument("--session-len", type=int, default=None,

@@ -46,10 +46,6 @@ def engine_config(opts: EngineOptions) -> EngineConfig:
     """Check the flags against the artifact and build the :class:`EngineConfig`."""
     if opts.tp < 1:
         raise EngineConfigError(f"--tp must be >= 1, got {opts.tp}")
-    if opts.tp > 1:
-        raise EngineConfigError(
-            f"--tp {opts.tp}: tensor parallelism is not available yet; serve with --tp 1 (one device)"
-        )
     kind = artifact_kind(opts.model_dir)
     detected = KIND_FORMAT[kind]
     if opts.model_format is not None and kind not in FORMAT_KINDS.get(opts.model_format, ()):
@@ -59,7 +55,7 @@ def engine_config(opts: EngineOptions) -> EngineConfig:
     return EngineConfig(
         model_dir=opts.model_dir, device=opts.device, cache_max_entry_count=opts.cache_max_entry_count,
         session_len=opts.session_len, max_num_seqs=opts.max_batch_size,
-        enable_prefix_caching=opts.enable_prefix_caching, quant_policy=opts.quant_policy,
+        enable_prefix_caching=opts.enable_prefix_caching, quant_policy=opts.quant_policy, tp=opts.tp,
         **opts.extra,  # type: ignore[arg-type]
     )
 

@@ -95,6 +95,7 @@ def test_tp2_packed_int4_matches_tp1(tmp_path, make_tiny_model, monkeypatch) -> 
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
 
 
+@pytest.mark.slow
 def test_smollm2_tp3_matches_tp1(smollm2_dir, smollm2_tokenizer) -> None:
     """The real model: 9 heads / 3 KV heads split 3 ways (tp 2 cannot split 9 heads)."""
     texts = ["The capital of France is", "Once upon a time, in a small village,"]

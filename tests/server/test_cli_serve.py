@@ -16,9 +16,15 @@ from lmkiln.server.chat import ChatSession, run_chat
 from lmkiln.server.launch import EngineOptions, default_model_name, engine_config
 
 
-def test_tp_above_one_is_a_clear_error(capsys, tiny_llama_dir) -> None:
+def test_tp_above_the_gpu_count_is_a_clear_error(capsys, monkeypatch, tiny_llama_dir) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     code = main(["serve", "api_server", str(tiny_llama_dir), "--tp", "2"])
-    assert code == 2 and "tensor parallelism is not available yet" in capsys.readouterr().err
+    assert code == 2 and "--tp 2 needs 2 GPUs on this host but 1 is visible" in capsys.readouterr().err
+    code = main(["chat", str(tiny_llama_dir), "--tp", "3"])  # 4 heads do not split 3 ways
+    assert code == 2 and "4 attention heads, not a multiple of 3; use --tp 1 or 2" in capsys.readouterr().err
 
 
 def test_manifest_wins_over_a_contradicting_model_format(tmp_path, caplog) -> None:
