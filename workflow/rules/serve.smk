@@ -15,6 +15,8 @@ def serve_flags():
         flags.append(f"--session-len {s['session_len']}")
     if s["enable_prefix_caching"]:
         flags.append("--enable-prefix-caching")
+    if s.get("tp", 1) > 1:
+        flags.append(f"--tp {s['tp']}")  # tensor parallel over GPUs 0..tp-1 of CUDA_VISIBLE_DEVICES
     device = s["device"] or config["device"]
     if device:
         flags.append(f"--device {device}")
