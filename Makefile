@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CORES ?= all
 
-.PHONY: setup quantize test lint clean
+.PHONY: setup quantize test lint clean slurm-up slurm-down
 
 setup: $(VENV)/.installed
 
@@ -25,10 +25,19 @@ $(VENV)/.installed: pyproject.toml
 quantize: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake quantize --cores $(CORES)
 
-test: setup
+test: setup slurm-up
 	# pytest (not `python -m pytest`): the repo root must not be on sys.path, where kernels/ would shadow
 	# the PyPI package `kernels` that transformers probes for (ours is imported as lmkiln.kernels).
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -q
+
+# A real single-node SLURM cluster for tests/workflow/test_slurm.py (as root: apt-get installs slurm-wlm
+# and munge, then the daemons start; about 15 s). Status 77 = not possible here (not root, no apt-get):
+# the SLURM tests then skip. Any other failure stops `make test`.
+slurm-up:
+	@scripts/slurm/start-single-node.sh || { rc=$$?; [ $$rc -eq 77 ] || exit $$rc; }
+
+slurm-down:
+	scripts/slurm/stop-single-node.sh
 
 lint: setup
 	$(BIN)/ruff check lmkiln kernels tests

@@ -1,7 +1,9 @@
 # lmkiln: checkpoint -> calibration stats -> AWQ int4 -> quality gate.
 # Targets: `snakemake quantize`; `snakemake bench` (every measurement of the artifact; then
 # `snakemake bench --report results/<model>/report.html`); `snakemake serve` (the packed model behind the
-# OpenAI API, in the foreground). Settings: config.yaml (schema: workflow/schemas/config.schema.yaml).
+# OpenAI API, in the foreground); `snakemake grid` (models × recipes of config.yaml, compared in
+# results/grid/summary.md). Cluster runs: --workflow-profile workflow/profiles/slurm (docs/cluster.md).
+# Settings: config.yaml (schema: workflow/schemas/config.schema.yaml).
 
 configfile: "config.yaml"
 
@@ -20,6 +22,7 @@ localrules:
     quantize,
     bench,
     serve,
+    grid,
 
 
 rule quantize:
@@ -27,6 +30,12 @@ rule quantize:
     input:
         quantize_targets(),
     default_target: True
+
+
+rule grid:
+    """Build every model × recipe of the grid and gather them into one comparison table."""
+    input:
+        grid_targets(),
 
 
 rule bench:

@@ -131,6 +131,13 @@ def cmd_prepare_texts(a: argparse.Namespace) -> None:
         print(f"{name}: {path}")
 
 
+def cmd_report_grid(a: argparse.Namespace) -> None:
+    from lmkiln.grid import parse_build_spec, write_grid_summary
+
+    write_grid_summary([parse_build_spec(b) for b in a.builds], a.results, a.benchmarks, a.out_dir)
+    print((a.out_dir / "summary.md").read_text(), end="")
+
+
 def cmd_pack(a: argparse.Namespace) -> None:
     from lmkiln.quant.pack import pack_checkpoint
 
@@ -331,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out_dir", type=Path)
     s.add_argument("--deb-dir", type=Path, default=None, help="an already extracted r-cran-janeaustenr")
     s.set_defaults(func=cmd_prepare_texts)
+
+    rp = sub.add_parser("report", help="build reports").add_subparsers(dest="cmd", required=True)
+    s = rp.add_parser("grid", help="comparison table of grid builds (summary.json + summary.md)")
+    s.add_argument("builds", nargs="+", metavar="BUILD:MODEL:RECIPE", help="builds to compare")
+    s.add_argument("--results", type=Path, default=Path("results"), help="where results/<build>/ live")
+    s.add_argument("--benchmarks", type=Path, default=Path("benchmarks"), help="Snakemake benchmark dir")
+    s.add_argument("--out-dir", type=Path, default=Path("results/grid"), help="output directory")
+    s.set_defaults(func=cmd_report_grid)
 
     bn = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="cmd", required=True)
     s = bn.add_parser("kernels", help="W4A16 kernel table vs cuBLAS fp16 / tinygemm / HBM floor (GPU)",

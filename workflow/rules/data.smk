@@ -3,12 +3,17 @@ rule prepare_texts:
     output:
         expand("{dir}/{name}.txt", dir=TEXT_DIR, name=PREPARED_TEXTS),
         f"{TEXT_DIR}/texts.json",
+    params:
+        out_dir=lambda wc, output: Path(output[-1]).parent,
+    resources:
+        mem_mb=2000,
+        runtime=15,
     log:
         "logs/prepare_texts.log",
     benchmark:
         "benchmarks/prepare_texts.tsv"
     shell:
-        "lmkiln data prepare-texts {TEXT_DIR} > {log} 2>&1"
+        "lmkiln data prepare-texts {params.out_dir} > {log} 2>&1"
 
 
 rule import_gguf:
@@ -17,11 +22,14 @@ rule import_gguf:
         "resources/models/{gguf_model}/config.json",
         "resources/models/{gguf_model}/model.safetensors",
     params:
-        out_dir=lambda wc: f"resources/models/{wc.gguf_model}",
+        out_dir=lambda wc, output: Path(output[0]).parent,
         package=config["gguf"]["package"],
         file=config["gguf"]["file"],
     wildcard_constraints:
         gguf_model=GGUF_MODEL,
+    resources:
+        mem_mb=4000,
+        runtime=30,
     log:
         "logs/import_gguf/{gguf_model}.log",
     benchmark:

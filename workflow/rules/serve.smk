@@ -28,8 +28,8 @@ def serve_flags():
 rule serve:
     """Serve the packed artifact with the OpenAI-compatible API in the foreground (Ctrl-C stops it)."""
     input:
-        packed=expand(rules.pack.output[0], model=MODEL),
-        quality_gate=expand(rules.evaluate.output[0], model=MODEL),  # serve only what passed the gate
+        packed=f"results/{MODEL}/packed",  # (not expand(rules.pack.output...): storage-flagged under k8s)
+        quality_gate=f"results/{MODEL}/eval/ppl.json",  # serve only what passed the gate
     params:
         flags=serve_flags(),
     log:

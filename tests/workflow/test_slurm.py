@@ -1,0 +1,87 @@
+"""`snakemake quantize --executor slurm` end to end on a real SLURM cluster (the tiny model).
+
+``make test`` starts a single-node cluster first (scripts/slurm/start-single-node.sh: Debian's slurm-wlm
+and munge, as root); elsewhere these tests skip, saying how to start one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lmkiln.artifact import read_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+START = REPO / "scripts" / "slurm" / "start-single-node.sh"
+# The single-node cluster has no accounting database: job states come from squeue (MinJobAge=600 keeps
+# finished jobs listed), no account is needed, and the first status check comes after 2 s, not 40 s.
+LOCAL_CLUSTER_FLAGS = ("--slurm-status-command", "squeue", "--slurm-no-account",
+                       "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs")
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster() -> None:
+    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        pytest.skip("snakemake-executor-plugin-slurm is not installed (pip install -e '.[dev]')")
+    check = subprocess.run([str(START), "--check"], capture_output=True) if shutil.which("sbatch") else None
+    if check is None or check.returncode:
+        pytest.skip("no SLURM cluster answers here; start one with `sudo scripts/slurm/start-single-node.sh` "
+                    "(make test does, as root)")
+
+
+def _squeue(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    out = subprocess.run(["squeue", "--states=all", "--noheader", "--jobs", ",".join(job_ids),
+                          "--format=%i|%T|%P|%C|%m"], capture_output=True, text=True, check=True).stdout
+    rows = (line.split("|") for line in out.split())
+    return {jid: {"state": st, "partition": p, "cpus": c, "mem": m} for jid, st, p, c, m in rows}
+
+
+@pytest.mark.slow
+def test_quantize_on_slurm(slurm_cluster, tmp_path, tiny_llama_dir, snakemake, workflow_config,
+                           jobs_of) -> None:
+    workflow_config(tmp_path, tiny_llama_dir)
+    r = snakemake(tmp_path, "--workflow-profile", "workflow/profiles/slurm", *LOCAL_CLUSTER_FLAGS, "quantize",
+                  timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:]
+
+    # Every step ran as its own SLURM job, with the resources its rule asks for.
+    pattern = r"submitted with SLURM jobid (\d+) \(log: \S*/rule_(\w+)/"
+    submitted = {rule: jid for jid, rule in re.findall(pattern, out)}
+    assert set(submitted) == {"prepare_texts", "calibrate", "awq", "evaluate", "pack"}, out[-3000:]
+    jobs = _squeue(list(submitted.values()))
+    for rule, jid in submitted.items():
+        assert jobs[jid]["state"] == "COMPLETED" and jobs[jid]["partition"] == "cpu", (rule, jobs[jid])
+        logs = list((tmp_path / ".snakemake" / "slurm_logs" / f"rule_{rule}").rglob(f"{jid}.log"))
+        assert logs, rule
+        text = logs[0].read_text()  # the job ran the rule through the plugin's job step, inside SLURM
+        assert "--executor slurm-jobstep" in text and f"rule {rule}:" in text, text[-2000:]
+    for rule in ("calibrate", "awq", "evaluate"):
+        assert jobs[submitted[rule]]["cpus"] == "2", (rule, jobs[submitted[rule]])
+    assert jobs[submitted["pack"]]["mem"] == "2000M"
+    assert int(jobs[submitted["evaluate"]]["mem"].rstrip("M")) >= 2500
+
+    # The artifacts are complete and verified (sha256 of every file against its manifest) here, on the
+    # submitting host; the build passed its quality gate.
+    results = tmp_path / "results" / tiny_llama_dir.name
+    read_manifest(results / "awq", kind="awq", verify=True)
+    read_manifest(results / "packed", kind="packed", verify=True)
+    assert "quality gate: passed" in out
+    assert jobs_of(snakemake(tmp_path, "-n", "--cores", "2", "quantize")) == {}  # nothing left to do
+
+    # Reproducible across nodes: a local rebuild gives byte-identical AWQ and packed artifacts.
+    for name in ("awq", "packed"):
+        shutil.copytree(results / name, tmp_path / f"slurm-{name}")
+    r = snakemake(tmp_path, "--cores", "2", "quantize", "--forcerun", "awq")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("awq", "packed"):
+        slurm_files = sorted(p.relative_to(tmp_path / f"slurm-{name}")
+                             for p in (tmp_path / f"slurm-{name}").rglob("*") if p.is_file())
+        assert slurm_files
+        for rel in slurm_files:
+            assert (tmp_path / f"slurm-{name}" / rel).read_bytes() == (results / name / rel).read_bytes(), rel
