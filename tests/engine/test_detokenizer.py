@@ -66,3 +66,33 @@ def test_special_tokens_are_skipped(smollm2_tokenizer) -> None:
     assert streamed == "Hi there"
     _, streamed, _ = _stream(tok, ids, SamplingParams(skip_special_tokens=False))
     assert streamed == "Hi there<|im_end|>"
+
+
+def test_fast_decoder_equals_tokenizer_decode(smollm2_tokenizer) -> None:
+    from lmkiln.engine.detokenizer import fast_decoder
+
+    backend = fast_decoder(smollm2_tokenizer)
+    assert backend is not None, "SmolLM2's fast BPE tokenizer should take the direct path"
+    text = smollm2_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Héllo, wörld! 1+1=2 ... ok?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    ids = smollm2_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert any(i in smollm2_tokenizer.all_special_ids for i in ids)
+    for skip in (True, False):
+        for cut in (1, 3, len(ids) // 2, len(ids)):
+            assert backend.decode(ids[:cut], skip_special_tokens=skip) == smollm2_tokenizer.decode(
+                ids[:cut], skip_special_tokens=skip
+            )
+
+
+def test_fast_decoder_is_off_when_decode_would_clean_up() -> None:
+    from types import SimpleNamespace
+
+    from lmkiln.engine.detokenizer import fast_decoder
+
+    wordpiece = SimpleNamespace(model=SimpleNamespace(), decode=lambda ids, **kw: "")
+    tok = SimpleNamespace(backend_tokenizer=wordpiece, clean_up_tokenization_spaces=True)
+    assert fast_decoder(tok) is None
+    assert fast_decoder(SimpleNamespace()) is None  # a slow tokenizer: the plain decode
