@@ -225,6 +225,12 @@ def cmd_bench_serve(a: argparse.Namespace) -> None:
     sys.exit(bench_main(a.rest))
 
 
+def cmd_bench_tp(a: argparse.Namespace) -> None:
+    from lmkiln.bench.tp import main as bench_main
+
+    sys.exit(bench_main(a.rest))
+
+
 def cmd_bench_engine(a: argparse.Namespace) -> None:
     from lmkiln.bench.engine import main as bench_main
 
@@ -360,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
                       add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_bench_serve)
+    s = bn.add_parser("tp", help="engine speed at tensor-parallel degrees 1, 2, 4 (random 7B shape)",
+                      add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_bench_tp)
     for name, help_ in (("quality", "next-token agreement with fp16, model size on disk / in memory"),
                         ("kv-ppl", "perplexity through the engine with the KV cache in fp / int8 / int4"),
                         ("plot", "a figure of `snakemake bench` (ppl bars, tok/s vs batch, latency CDFs)"),

@@ -403,7 +403,11 @@ class ParallelModelRunner:
         except OSError as e:
             self.shutdown()
             raise WorkerDiedError(f"a tensor-parallel worker stopped listening ({e})") from e
-        return self.runner.execute(out)
+        try:
+            return self.runner.execute(out)
+        except BaseException:  # the workers may be inside this step's collectives: the group is unusable
+            self.shutdown(timeout=2.0)
+            raise
 
     @property
     def worker_pids(self) -> list[int]:

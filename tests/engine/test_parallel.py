@@ -58,6 +58,10 @@ def _generate(path: Path, params: SamplingParams = GREEDY, prompts=PROMPTS, **kw
         pids = list(getattr(eng.runner, "worker_pids", []))
         stats = eng.scheduler.num_preemptions
     assert not _wait_gone(pids, 5), "tensor-parallel workers survived shutdown"
+    if pids:
+        eng.shutdown()  # idempotent
+        with pytest.raises(WorkerDiedError, match="shut down"):
+            eng.generate([PROMPTS[0]], params)
     return outs, pids, stats
 
 
@@ -100,7 +104,7 @@ def test_smollm2_tp3_matches_tp1(smollm2_dir, smollm2_tokenizer) -> None:
     """The real model: 9 heads / 3 KV heads split 3 ways (tp 2 cannot split 9 heads)."""
     texts = ["The capital of France is", "Once upon a time, in a small village,"]
     prompts = [smollm2_tokenizer(t)["input_ids"] for t in texts]
-    params = SamplingParams(temperature=0, max_tokens=8)
+    params = SamplingParams(temperature=0, max_tokens=6)
     ref, _, _ = _generate(smollm2_dir, params, prompts, block_size=16, max_num_batched_tokens=64,
                           max_prefill_token_num=64)
     got, pids, _ = _generate(smollm2_dir, params, prompts, tp=3, block_size=16, max_num_batched_tokens=64,
@@ -154,11 +158,6 @@ def test_a_worker_error_reaches_rank_0_and_nothing_is_left(tiny_tp_dir, tmp_path
     with pytest.raises(ArtifactError, match="tensor-parallel rank 1: shard 1 is corrupt"):
         LLMEngine(EngineConfig(tiny_tp_dir, **_kw(tp=2)), shard_builder=builder)
     assert not dist.is_initialized()
-    eng = LLMEngine.from_pretrained(tiny_tp_dir, **_kw(tp=2))
-    eng.shutdown()
-    eng.shutdown()  # idempotent
-    with pytest.raises(WorkerDiedError, match="shut down"):
-        eng.generate([PROMPTS[0]], GREEDY)
 
 
 def test_killed_parent_leaves_no_worker(tiny_tp_dir) -> None:
@@ -213,3 +212,67 @@ def test_step_messages_mirror_the_scheduler(make_scheduler) -> None:
     dec.decode(enc.encode(fake.scheduler.schedule()))  # the last finished ids
     assert dec.seqs == {}
     assert max(sizes[-5:]) < 2000  # decode steps send one token a sequence, not the whole history
+
+
+# ------------------------------------------------------------------------------------------- GPU / NCCL
+
+needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+
+@pytest.fixture()
+def gpu_tp_dir(tmp_path, make_tiny_model) -> Path:
+    """As :func:`tiny_tp_dir` with head_dim 64 (what the Triton attention kernels are tuned for)."""
+    return make_tiny_model(tmp_path / "tiny64", "llama", hidden_size=256, intermediate_size=512,
+                           num_key_value_heads=1, vocab_size=321, tie_word_embeddings=True,
+                           initializer_range=0.3)
+
+
+@pytest.mark.gpu
+@needs_2_gpus
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("eager", [True, False])
+def test_nccl_tp2_greedy_matches_tp1(gpu_tp_dir, dtype, eager) -> None:
+    """NCCL all-reduce / all-gather, with the decode CUDA graphs of every rank capturing the collectives."""
+    kw = {"device": "cuda", "dtype": dtype, "eager": eager, "block_size": 16, "cache_max_entry_count": 256,
+          "max_num_seqs": 8, "max_num_batched_tokens": 256, "max_prefill_token_num": 256}
+    params = SamplingParams(temperature=0, max_tokens=32, logprobs=1)
+    ref, _, _ = _generate(gpu_tp_dir, params, **kw)
+    with LLMEngine.from_pretrained(gpu_tp_dir, **_kw(tp=2, **kw)) as eng:
+        assert (eng.runner.decode_graphs is not None) == (not eager)
+        got = eng.generate(PROMPTS, params)
+        pids = eng.runner.worker_pids
+    assert not _wait_gone(pids, 10)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    tol = 1e-3 if dtype == "float32" else 5e-2
+    for a, b in zip(got, ref, strict=True):
+        assert [lp.logprob for lp in a.logprobs] == pytest.approx([lp.logprob for lp in b.logprobs], abs=tol)
+
+
+@pytest.mark.gpu
+@needs_2_gpus
+def test_nccl_tp2_packed_int4_matches_tp1(tmp_path, make_tiny_model) -> None:
+    """The W4A16 kernels on each rank's int4 shards (fused q/k/v and gate/up), CUDA graphs on."""
+    from lmkiln.quant.awq import rtn_quantize
+    from lmkiln.quant.pack import pack_checkpoint
+    from lmkiln.quant.rtn import QuantSpec
+
+    src = make_tiny_model(tmp_path / "q", "qwen2", hidden_size=256, intermediate_size=384,
+                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    packed = pack_checkpoint(rtn_quantize(src, tmp_path / "awq", QuantSpec(4, 64), progress=False),
+                             tmp_path / "packed")
+    kw = {"device": "cuda", "dtype": "float16", "block_size": 16, "cache_max_entry_count": 256,
+          "max_num_seqs": 8}
+    params = SamplingParams(temperature=0, max_tokens=24)
+    ref, _, _ = _generate(packed, params, **kw)
+    with LLMEngine.from_pretrained(packed, **_kw(tp=2, **kw)) as eng:
+        assert eng.loaded.int4
+        got = eng.generate(PROMPTS, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() >= 4, reason="this host has 4 GPUs for tp 4")
+def test_more_ranks_than_gpus_is_a_clear_error(tiny_tp_dir) -> None:
+    n = torch.cuda.device_count()
+    with pytest.raises(EngineConfigError, match=f"--tp 4 needs 4 GPUs on this host but {n}"):
+        LLMEngine.from_pretrained(tiny_tp_dir, tp=4, device="cuda")
