@@ -11,10 +11,16 @@ into the cache and attends over it.
 
 A packed int4 artifact fuses q/k/v and gate/up along N: :meth:`DecoderLayer.fuse` swaps in those fused linears
 (any module, e.g. ``lmkiln.layers.Int4Linear``), so a layer runs 2 + 2 GEMMs; both forward paths use them.
+
+On CUDA, ``forward_paged`` runs the small ops through the fused Triton kernels of ``lmkiln.kernels.fused``
+(residual add + RMSNorm, in-place rotary, SiLU·mul: one launch each) and carries the residual from layer to
+layer, vLLM style; the torch code here is their reference. ``LMKILN_FUSED=0`` turns them off (A/B), ``=1``
+forces them (on the CPU that needs ``TRITON_INTERPRET=1``). ``forward`` always runs the torch code.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +31,20 @@ from torch import nn
 from lmkiln.models.checkpoint import Checkpoint
 from lmkiln.models.config import ModelConfig
 
+FUSED_ENV = "LMKILN_FUSED"
+
+
+def use_fused_ops(device: torch.device) -> bool:
+    """Whether ``forward_paged`` uses ``lmkiln.kernels.fused``: on CUDA, unless ``LMKILN_FUSED`` says 0/1."""
+    from lmkiln.errors import ModelError
+
+    choice = os.environ.get(FUSED_ENV, "").strip()
+    if choice not in ("", "0", "1"):
+        raise ModelError(
+            f"{FUSED_ENV}={choice!r}: use 0 (torch ops), 1 (fused Triton kernels) or leave it unset"
+        )
+    return choice == "1" or (not choice and device.type == "cuda")
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -32,7 +52,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, fused: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)``. ``fused``: Triton."""
+        if fused:
+            from lmkiln.kernels import fused as kf
+
+            if residual is None:
+                return kf.rmsnorm(x, self.weight, self.eps)
+            return kf.add_rmsnorm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            residual = x + residual
+            return self.forward(residual), residual
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -79,16 +111,29 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def forward_paged(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any, meta: Any, backend: Any
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: Any,
+        meta: Any,
+        backend: Any,
+        fused: bool = False,
     ) -> torch.Tensor:
         """``x [T, hidden]`` (new tokens of several sequences), ``cos``/``sin`` ``[T, head_dim]``."""
         t = x.shape[0]
         q, k, v = self.qkv(x)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim).contiguous()  # a strided slice when fused
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if fused:  # in place on the (strided, when fused) q/k views; the attention kernels take strided v
+            from lmkiln.kernels.fused import rotary_
+
+            rotary_(q, k, cos, sin)
+        else:
+            v = v.contiguous()  # a strided slice when fused
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         out = backend.forward(q, k, v, cache, meta, self.head_dim**-0.5)
         return self.o_proj(out.reshape(t, -1))
 
@@ -101,11 +146,16 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.gate_up_proj: nn.Module | None = None  # fused gate/up, set by DecoderLayer.fuse
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        if fused:
+            from lmkiln.kernels.fused import silu_mul
+
+            return self.down_proj(silu_mul(gate, up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -127,10 +177,25 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def forward_paged(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any, meta: Any, backend: Any
-    ) -> torch.Tensor:
-        h = x + self.self_attn.forward_paged(self.input_layernorm(x), cos, sin, cache, meta, backend)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: Any,
+        meta: Any,
+        backend: Any,
+        fused: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """vLLM style: returns ``(mlp output, residual)``, whose sum is the layer's output (``residual``
+        None: ``x`` is the layer's input; else the input is ``x + residual``). Same numbers as ``forward``."""
+        if residual is None:
+            x, residual = self.input_layernorm(x, fused=fused), x
+        else:
+            x, residual = self.input_layernorm(x, residual, fused)
+        x = self.self_attn.forward_paged(x, cos, sin, cache, meta, backend, fused)
+        x, residual = self.post_attention_layernorm(x, residual, fused)
+        return self.mlp(x, fused), residual
 
     def fuse(
         self, qkv_proj: nn.Module, o_proj: nn.Module, gate_up_proj: nn.Module, down_proj: nn.Module
@@ -230,9 +295,13 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions.unsqueeze(0), x.dtype)
         cos, sin = cos[0], sin[0]
+        fused = use_fused_ops(x.device)
+        residual = None
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer.forward_paged(x, cos, sin, cache, meta, backend)
-        return self.model.norm(x)
+            x, residual = layer.forward_paged(x, residual, cos, sin, cache, meta, backend, fused)
+        if residual is None:
+            return self.model.norm(x, fused=fused)
+        return self.model.norm(x, residual, fused)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

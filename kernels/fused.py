@@ -1,0 +1,353 @@
+"""Fused Triton kernels for a decoder layer's small ops: (residual add +) RMSNorm, rotary, SiLU·mul.
+
+Each replaces a chain of eager torch kernels in :mod:`lmkiln.models.llama` (its torch code is the reference;
+the tests compare against it) by one launch, and mirrors the reference's arithmetic op by op: every torch op
+on fp16/bf16 tensors computes in fp32 and rounds to the tensor's dtype, and so do the kernels, with IEEE
+division, ``expf`` (``libdevice``) and FMA contraction off on the GPU. What can still differ is the order of
+the fp32 sum of squares in RMSNorm (torch's reduction tree vs ``tl.sum``): a last-bit difference on a few
+elements in fp32, rarely one ulp after the cast in fp16/bf16. Rotary and SiLU·mul are bit-identical on the
+GPU; the interpreter uses numpy's ``exp``, so there SiLU matches to ~1 ulp.
+
+* ``rmsnorm(x, weight, eps)`` / ``add_rmsnorm(x, residual, weight, eps) -> (normed, x + residual)``: one
+  program per row (token), the row in registers (hidden <= 65536).
+* ``rotary_(q, k, cos, sin)``: in place on ``q [T, Hq, D]`` and ``k [T, Hk, D]``, which may be strided views
+  (e.g. of a fused qkv output; only the last dim must be contiguous); ``cos``/``sin [T, D]``, rotate-half
+  convention (first half / second half).
+* ``silu_mul(gate_up)`` (``[T, 2I]``, gate first) or ``silu_mul(gate, up)`` (two ``[T, I]``, strided views
+  allowed) -> ``silu(gate) * up`` ``[T, I]``.
+
+All launchers validate their inputs (:class:`lmkiln.errors.KernelInputError`), never synchronise with the
+host and size grids from shapes only, so they can be captured in CUDA graphs. fp16, bf16 and fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from lmkiln.kernels.kv_cache import interpreting
+from triton.language.extra import libdevice
+
+from lmkiln.errors import KernelInputError
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HIDDEN = 65536
+
+
+def _warps(block: int) -> int:
+    """Liger-Kernel's rule: more warps for wider rows."""
+    return 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
+
+
+def _launch_opts() -> dict:
+    # FMA contraction would fuse a rounded product into the next add (fp32) and break bit-equality
+    return {} if interpreting() else {"enable_fp_fusion": False}
+
+
+def _check(x: torch.Tensor, name: str, dim: int | None = None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise KernelInputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in DTYPES:
+        raise KernelInputError(f"{name} must be fp16, bf16 or fp32, got {x.dtype}")
+    if dim is not None and x.dim() != dim:
+        raise KernelInputError(f"{name} must have {dim} dims, got shape {list(x.shape)}")
+    if x.dim() == 0 or (x.numel() and x.stride(-1) != 1):
+        raise KernelInputError(
+            f"{name} must have a contiguous last dim, got shape {list(x.shape)} strides {x.stride()}"
+        )
+    if x.device.type != "cuda" and not interpreting():
+        raise KernelInputError(
+            f"Triton kernels need a CUDA device ({name} is on {x.device}); use the torch path on the CPU or "
+            "set TRITON_INTERPRET=1 before importing lmkiln.kernels"
+        )
+
+
+def _same(tensors: dict[str, torch.Tensor], what: str) -> None:
+    devices = {str(t.device) for t in tensors.values()}
+    if len(devices) != 1:
+        raise KernelInputError(f"{what} tensors must share one device, got {sorted(devices)}")
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) != 1:
+        listing = ", ".join(f"{n} {t.dtype}" for n, t in tensors.items())
+        raise KernelInputError(f"{what} tensors must share one dtype, got {listing}: cast them first")
+
+
+def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``x [..., N]`` as a 2-D ``[rows, N]`` view (a copy only when the leading dims cannot be merged)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.numel() and x2.stride(-1) != 1:
+        raise KernelInputError(f"{name} must have a contiguous last dim, got strides {x.stride()}")
+    return x2
+
+
+# ------------------------------------------------------------------------------------------------ RMSNorm
+
+
+@triton.jit
+def _rmsnorm_kernel(
+    x_ptr,
+    r_ptr,
+    w_ptr,
+    y_ptr,
+    ro_ptr,
+    stride_x,
+    stride_r,
+    stride_y,
+    stride_ro,
+    N,
+    inv_n,
+    eps,
+    HAS_RES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    mask = offs < N
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)  # x + residual, in x's dtype
+        tl.store(ro_ptr + row * stride_ro + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    ms = tl.sum(xf * xf, axis=0) * inv_n  # torch's mean: sum * (1/N)
+    # rsqrtf as torch's CUDA rsqrt; the interpreter (no libdevice) does 1 / sqrt, as torch's CPU rsqrt
+    inv = tl.math.rsqrt(ms + eps) if INTERP else libdevice.rsqrt(ms + eps)
+    xn = (xf * inv).to(x_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    y = w.to(tl.float32) * xn.to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    _check(x, "x")
+    _check(weight, "weight", dim=1)
+    n = x.shape[-1]
+    if weight.shape[0] != n:
+        raise KernelInputError(f"weight has {weight.shape[0]} elements but x rows have {n} (hidden size)")
+    if not 0 < n <= MAX_HIDDEN:
+        raise KernelInputError(
+            f"rmsnorm keeps a row in registers: hidden size must be 1..{MAX_HIDDEN}, got {n}"
+        )
+    tensors = {"x": x, "weight": weight}
+    if residual is not None:
+        _check(residual, "residual")
+        if residual.shape != x.shape:
+            raise KernelInputError(
+                f"residual {list(residual.shape)} and x {list(x.shape)} must have the same shape"
+            )
+        tensors["residual"] = residual
+    _same(tensors, "rmsnorm")
+    x2 = _rows(x, "x")
+    r2 = _rows(residual, "residual") if residual is not None else x2
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    ro = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else y
+    rows = x2.shape[0]
+    if rows == 0:
+        return y, (ro if residual is not None else None)
+    block = triton.next_power_of_2(n)
+    _rmsnorm_kernel[(rows,)](
+        x2,
+        r2,
+        weight,
+        y,
+        ro,
+        x2.stride(0),
+        r2.stride(0),
+        n,
+        n,
+        n,
+        1.0 / n,
+        eps,
+        HAS_RES=residual is not None,
+        BLOCK_N=block,
+        INTERP=interpreting(),
+        num_warps=_warps(block),
+        **_launch_opts(),
+    )
+    return y, (ro if residual is not None else None)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x * rsqrt(mean(x², -1) + eps)).to(x.dtype)`` (fp32 inside), as ``RMSNorm.forward``."""
+    return _norm(x, None, weight, eps)[0]
+
+
+def add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual`` (in the input dtype); returns ``(rmsnorm(h, weight, eps), h)``."""
+    y, h = _norm(x, residual, weight, eps)
+    return y, h  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------------- rotary
+
+
+@triton.jit
+def _rotate_heads(x_ptr, tok, stride_t, stride_h, H, head0, c1, c2, s1, s2, D2, BLOCK_H, HALF):
+    """Rotate heads ``head0 .. head0 + BLOCK_H`` of token ``tok`` in place (rotate-half convention)."""
+    offs_h = head0 + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HALF)
+    m = (offs_h[:, None] < H) & (offs_d[None, :] < D2)
+    p = x_ptr + tok * stride_t + offs_h[:, None] * stride_h + offs_d[None, :]
+    x1 = tl.load(p, mask=m, other=0.0)
+    x2 = tl.load(p + D2, mask=m, other=0.0)
+    dt = x1.dtype
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    # x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1); every product and sum rounded to dt
+    o1 = (x1f * c1).to(dt).to(tl.float32) + (-x2f * s1).to(dt).to(tl.float32)
+    o2 = (x2f * c2).to(dt).to(tl.float32) + (x1f * s2).to(dt).to(tl.float32)
+    tl.store(p, o1.to(dt), mask=m)
+    tl.store(p + D2, o2.to(dt), mask=m)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr,
+    k_ptr,
+    cos_ptr,
+    sin_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_ct,
+    stride_st,
+    Hq,
+    Hk,
+    D2,
+    BLOCK_H: tl.constexpr,
+    HALF: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    head0 = tl.program_id(1) * BLOCK_H
+    offs_d = tl.arange(0, HALF)
+    dm = offs_d < D2
+    cp = cos_ptr + tok * stride_ct + offs_d
+    sp = sin_ptr + tok * stride_st + offs_d
+    c1 = tl.load(cp, mask=dm, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(cp + D2, mask=dm, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(sp, mask=dm, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(sp + D2, mask=dm, other=0.0).to(tl.float32)[None, :]
+    _rotate_heads(q_ptr, tok, stride_qt, stride_qh, Hq, head0, c1, c2, s1, s2, D2, BLOCK_H, HALF)
+    _rotate_heads(k_ptr, tok, stride_kt, stride_kh, Hk, head0, c1, c2, s1, s2, D2, BLOCK_H, HALF)
+
+
+def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """In place: ``q = q * cos + rotate_half(q) * sin``, same for ``k`` (``cos``/``sin [T, D]`` per token).
+
+    ``q [T, Hq, D]`` and ``k [T, Hk, D]`` may be strided views (last dim contiguous) and must not overlap."""
+    for name, x in (("q", q), ("k", k)):
+        _check(x, name, dim=3)
+    for name, x in (("cos", cos), ("sin", sin)):
+        _check(x, name, dim=2)
+    _same({"q": q, "k": k, "cos": cos, "sin": sin}, "rotary")
+    t, hq, d = q.shape
+    if k.shape[0] != t or k.shape[2] != d:
+        raise KernelInputError(
+            f"k {list(k.shape)} must be [{t}, num_kv_heads, {d}] to match q {list(q.shape)}"
+        )
+    if d % 2:
+        raise KernelInputError(f"rotate-half rotary needs an even head_dim, got {d}")
+    for name, x in (("cos", cos), ("sin", sin)):
+        if tuple(x.shape) != (t, d):
+            raise KernelInputError(f"{name} must be [tokens, head_dim] = [{t}, {d}], got {list(x.shape)}")
+    hk = k.shape[1]
+    if t == 0 or hq + hk == 0:
+        return
+    half = triton.next_power_of_2(d // 2)
+    block_h = min(triton.next_power_of_2(max(hq, hk)), max(1, 4096 // half))
+    grid = (t, triton.cdiv(max(hq, hk), block_h))
+    _rotary_kernel[grid](
+        q,
+        k,
+        cos,
+        sin,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        hq,
+        hk,
+        d // 2,
+        BLOCK_H=block_h,
+        HALF=half,
+        num_warps=4 if block_h * half >= 1024 else 2,
+        **_launch_opts(),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ SiLU·mul
+
+
+@triton.jit
+def _silu_mul_kernel(
+    g_ptr,
+    u_ptr,
+    o_ptr,
+    stride_g,
+    stride_u,
+    stride_o,
+    N,
+    BLOCK_N: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = offs < N
+    g = tl.load(g_ptr + row * stride_g + offs, mask=m, other=0.0)
+    u = tl.load(u_ptr + row * stride_u + offs, mask=m, other=0.0)
+    gf = g.to(tl.float32)
+    # expf, as torch's CUDA silu (tl.exp is the approximate ex2); the interpreter has no libdevice
+    e = tl.exp(-gf) if INTERP else libdevice.exp(-gf)
+    s = tl.math.div_rn(gf, 1.0 + e).to(g.dtype)  # F.silu(gate), rounded to the dtype
+    o = s.to(tl.float32) * u.to(tl.float32)
+    tl.store(o_ptr + row * stride_o + offs, o.to(o_ptr.dtype.element_ty), mask=m)
+
+
+def silu_mul(gate_up: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` -> a new contiguous ``[..., I]`` tensor.
+
+    One argument: ``gate_up [..., 2I]`` holds gate then up (``chunk(2, -1)``); two: ``gate``, ``up [..., I]``
+    (strided views allowed)."""
+    if up is None:
+        _check(gate_up, "gate_up")
+        if gate_up.shape[-1] % 2:
+            raise KernelInputError(
+                f"gate_up's last dim must be even (gate and up concatenated), got {gate_up.shape[-1]}"
+            )
+        gate, up = gate_up.chunk(2, dim=-1)
+    else:
+        gate = gate_up
+        _check(gate, "gate")
+        _check(up, "up")
+        if gate.shape != up.shape:
+            raise KernelInputError(
+                f"gate {list(gate.shape)} and up {list(up.shape)} must have the same shape"
+            )
+    _same({"gate": gate, "up": up}, "silu_mul")
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    g2, u2 = _rows(gate, "gate"), _rows(up, "up")
+    rows, n = g2.shape
+    if rows == 0 or n == 0:
+        return out
+    block = min(triton.next_power_of_2(n), 2048)
+    _silu_mul_kernel[(rows, triton.cdiv(n, block))](
+        g2,
+        u2,
+        out,
+        g2.stride(0),
+        u2.stride(0),
+        n,
+        n,
+        BLOCK_N=block,
+        INTERP=interpreting(),
+        num_warps=_warps(block),
+        **_launch_opts(),
+    )
+    return out
