@@ -380,9 +380,15 @@ class ParallelModelRunner:
                 elif not proc.is_alive():
                     raise self._died(rank, proc, f"before it was {phase}")
 
-    @staticmethod
-    def _died(rank: int, proc: Any, when: str) -> WorkerDiedError:
+    def _died(self, rank: int, proc: Any, when: str) -> Exception:
+        """The error to raise for a worker that exited: the one it reported, else its exit code."""
         proc.join(1)
+        conn = self._status_conns[rank - 1]
+        with contextlib.suppress(OSError, EOFError):
+            while conn.poll():
+                kind, info = conn.recv()
+                if kind == "error":
+                    return _rebuild_error(rank, info)
         return WorkerDiedError(
             f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.exitcode} {when}; its log "
             "above says why; restart the engine"

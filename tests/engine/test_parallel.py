@@ -3,6 +3,7 @@ of tp > 1 equal tp = 1's; no worker outlives the engine or its killed parent. NC
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -96,6 +97,11 @@ def test_tp2_packed_int4_matches_tp1(tmp_path, make_tiny_model, monkeypatch) -> 
     with LLMEngine.from_pretrained(packed, **_kw(tp=2)) as eng:
         assert eng.loaded.int4 and eng.runner.model.model.layers[0].mlp.down_proj.inner.in_features == 256
         got = eng.generate(prompts, GREEDY)
+        (pid,) = eng.runner.worker_pids
+        os.kill(pid, signal.SIGKILL)  # a rank dying while serving: the next step says so, nothing hangs
+        assert not _wait_gone([pid], 5)
+        with pytest.raises(WorkerDiedError, match=r"rank 1 .* exited with code -9 while serving"):
+            eng.generate([PROMPTS[0]], GREEDY)
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
 
 
