@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lmkiln.artifact import read_manifest, write_json_atomic, write_text_atomic
-from lmkiln.errors import ArtifactError, ModelError, QuantConfigError
+from lmkiln.errors import ArtifactError, LmkilnError, ModelError, QuantConfigError
 from lmkiln.report import rule_times
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,13 @@ class BuildPlan:
     builds: dict[str, Build]  # build name -> build
     primary: str  # the build of `model:` + `quant:` (snakemake quantize / serve)
     grid: tuple[str, ...]  # the builds of `models:` × `recipes:` (snakemake grid)
+    grid_error: LmkilnError | None = None  # why the grid cannot be built (then it is left out)
+
+    def require_grid(self) -> tuple[str, ...]:
+        """The grid's builds; raises the grid's configuration error, if any."""
+        if self.grid_error is not None:
+            raise self.grid_error
+        return self.grid
 
 
 def _same_dir(a: str, b: str) -> bool:
@@ -54,15 +61,28 @@ def plan_builds(config: Mapping[str, Any]) -> BuildPlan:
     """Builds of a validated config: the primary one and the grid (``models`` × ``recipes``).
 
     Without ``models:`` the grid uses ``model:``; without ``recipes:`` it uses ``quant:`` as is (builds
-    named after their models). A recipe overrides keys of ``quant:``.
+    named after their models). A recipe overrides keys of ``quant:``. A grid whose names clash is left
+    out with its error (raised by :meth:`BuildPlan.require_grid`), so that it never blocks the primary
+    build, e.g. ``snakemake quantize --config model=/elsewhere/SmolLM2-135M-Instruct``.
     """
     primary_dir = str(config["model"])
     primary = Path(primary_dir).name
     quant = dict(config["quant"])
     sources: dict[str, str] = {primary: primary_dir}
     builds: dict[str, Build] = {primary: Build(primary, primary, primary_dir, "", quant)}
+    try:
+        grid = _plan_grid(config, quant, sources, builds)
+    except (ModelError, QuantConfigError) as e:
+        return BuildPlan({primary: primary_dir}, {primary: builds[primary]}, primary, (), e)
+    return BuildPlan(sources, builds, primary, grid)
 
-    for name, model_dir in (config.get("models") or {primary: primary_dir}).items():
+
+def _plan_grid(config: Mapping[str, Any], quant: dict[str, Any], sources: dict[str, str],
+               builds: dict[str, Build]) -> tuple[str, ...]:
+    """Add the grid's models and builds to ``sources`` / ``builds``; raise on a name clash."""
+    primary = next(iter(builds))
+    models = config.get("models") or {primary: sources[primary]}
+    for name, model_dir in models.items():
         if name in sources and not _same_dir(sources[name], model_dir):
             raise ModelError(
                 f"model name {name!r} stands for both {sources[name]} and {model_dir}; give the entry "
@@ -71,9 +91,8 @@ def plan_builds(config: Mapping[str, Any]) -> BuildPlan:
         sources.setdefault(name, str(model_dir))
 
     grid = []
-    recipes = config.get("recipes") or {"": {}}
-    for model, model_dir in (config.get("models") or {primary: primary_dir}).items():
-        for recipe, overrides in recipes.items():
+    for model, model_dir in models.items():
+        for recipe, overrides in (config.get("recipes") or {"": {}}).items():
             name = f"{model}-{recipe}" if recipe else model
             build = Build(name, model, str(model_dir), recipe, {**quant, **overrides})
             old = builds.get(name)
@@ -94,7 +113,7 @@ def plan_builds(config: Mapping[str, Any]) -> BuildPlan:
     for name in (*sources, *builds):
         if name in RESERVED:
             raise QuantConfigError(f"{name!r} is reserved (results/{name}/); rename that model or recipe")
-    return BuildPlan(sources, builds, primary, tuple(grid))
+    return tuple(grid)
 
 
 def _dir_mib(path: Path) -> float:

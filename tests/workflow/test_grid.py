@@ -49,15 +49,24 @@ def test_models_times_recipes_share_calibration_per_model() -> None:
     assert set(plan.sources) == {"SmolLM2-135M-Instruct", "qwen"}
 
 
-def test_conflicting_names_are_refused() -> None:
+def test_conflicting_names_are_refused_for_the_grid_only() -> None:
+    plan = plan_builds(_config(models={"SmolLM2-135M-Instruct": "/elsewhere/SmolLM2-135M-Instruct"}))
     with pytest.raises(ModelError, match="stands for both"):
-        plan_builds(_config(models={"SmolLM2-135M-Instruct": "/elsewhere/SmolLM2-135M-Instruct"}))
-    with pytest.raises(QuantConfigError, match="two different builds"):  # a-b-c from (a, b-c) and (a-b, c)
-        plan_builds(_config(models={"a": "/m/a", "a-b": "/m/ab"}, recipes={"b-c": {}, "c": {}}))
-    with pytest.raises(QuantConfigError, match="name of the model"):
-        plan_builds(_config(models={"a": "/m/a", "a-x": "/m/ax"}, recipes={"x": {"w_group_size": 32}}))
-    with pytest.raises(QuantConfigError, match="reserved"):
-        plan_builds(_config(models={"grid": "/m/grid"}))
+        plan.require_grid()
+    # The primary build is still planned (snakemake quantize --config model=... must keep working).
+    assert plan.primary == "SmolLM2-135M-Instruct" and list(plan.builds) == [plan.primary]
+    assert plan.sources == {plan.primary: "resources/models/SmolLM2-135M-Instruct"}
+
+    for kw, err, match in (
+        (dict(models={"a": "/m/a", "a-b": "/m/ab"}, recipes={"b-c": {}, "c": {}}), QuantConfigError,
+         "two different builds"),  # a-b-c from (a, b-c) and from (a-b, c)
+        (dict(models={"a": "/m/a", "a-x": "/m/ax"}, recipes={"x": {"w_group_size": 32}}), QuantConfigError,
+         "name of the model"),
+        (dict(models={"grid": "/m/grid"}), QuantConfigError, "reserved"),
+    ):
+        with pytest.raises(err, match=match):
+            plan_builds(_config(**kw)).require_grid()
+    assert plan_builds(_config(models={"a": "/m/a"})).require_grid() == ("a",)
 
 
 def test_grid_dry_run_fans_out(tmp_path, tiny_llama_dir, make_tiny_model, snakemake, workflow_config,
@@ -74,6 +83,12 @@ def test_grid_dry_run_fans_out(tmp_path, tiny_llama_dir, make_tiny_model, snakem
     out = r.stdout + r.stderr
     assert "--calib-stats results/tiny-llama/calib/act_stats.safetensors --w-bits 4 --w-group-size 32" in out
     assert f"lmkiln lite awq {other} --calib-stats results/tiny-b/calib/" in out
+
+    # A grid whose names clash fails `snakemake grid`, with the reason, but not `snakemake quantize`.
+    workflow_config(tmp_path, tiny_llama_dir, models={"tiny-llama": str(other)})
+    r = snakemake(tmp_path, "-n", "grid", "--cores", "2")
+    assert r.returncode != 0 and "model name 'tiny-llama' stands for both" in r.stdout + r.stderr
+    assert snakemake(tmp_path, "-n", "quantize", "--cores", "2").returncode == 0
 
     # Invalid recipes are caught by the schema.
     workflow_config(tmp_path, tiny_llama_dir, recipes={"w3": {"w_bits": 3}})
