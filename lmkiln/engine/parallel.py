@@ -397,23 +397,32 @@ class ParallelModelRunner:
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         if self._closed:
             raise WorkerDiedError("the tensor-parallel engine was shut down")
-        for rank, proc in enumerate(self._procs, start=1):
-            if not proc.is_alive():
-                err = self._died(rank, proc, "while serving")
-                self.shutdown()
-                raise err
+        dead = self._dead_worker(0.0)
+        if dead is not None:
+            self.shutdown()
+            raise dead
         msg = STEP + self._encoder.encode(out)
         try:
             for conn in self._step_conns:
                 conn.send_bytes(msg)
-        except OSError as e:
-            self.shutdown()
-            raise WorkerDiedError(f"a tensor-parallel worker stopped listening ({e})") from e
-        try:
             return self.runner.execute(out)
-        except BaseException:  # the workers may be inside this step's collectives: the group is unusable
+        except BaseException as e:  # the workers may be inside this step's collectives: the group is unusable
+            dead = self._dead_worker(1.0)  # a collective fails when a peer dies: report the death
             self.shutdown(timeout=2.0)
+            if dead is not None and isinstance(e, Exception):
+                raise dead from e
             raise
+
+    def _dead_worker(self, wait: float) -> Exception | None:
+        """The error of the first worker that exited (waiting up to ``wait`` s for one), else None."""
+        deadline = time.monotonic() + wait
+        while True:
+            for rank, proc in enumerate(self._procs, start=1):
+                if not proc.is_alive():
+                    return self._died(rank, proc, "while serving")
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
 
     @property
     def worker_pids(self) -> list[int]:
