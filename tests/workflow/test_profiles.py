@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import re
 import shutil
+from pathlib import Path
 
 import pytest
+
+PROFILES = Path(__file__).resolve().parents[2] / "workflow" / "profiles"
+SLURM, KUBERNETES = str(PROFILES / "slurm"), str(PROFILES / "kubernetes")
 
 
 def _resources(run, rule: str) -> dict[str, str]:
@@ -19,9 +23,9 @@ def _resources(run, rule: str) -> dict[str, str]:
 def test_slurm_profile_places_jobs(tmp_path, tiny_llama_dir, snakemake, workflow_config, jobs_of) -> None:
     pytest.importorskip("snakemake_executor_plugin_slurm")
     workflow_config(tmp_path, tiny_llama_dir)
-    r = snakemake(tmp_path, "-n", "--workflow-profile", "workflow/profiles/slurm", "quantize")
+    r = snakemake(tmp_path, "-n", "--workflow-profile", SLURM, "quantize")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "Using workflow specific profile workflow/profiles/slurm" in r.stdout + r.stderr
+    assert f"Using workflow specific profile {SLURM}" in r.stdout + r.stderr
     assert jobs_of(r) == {"prepare_texts": 1, "calibrate": 1, "awq": 1, "evaluate": 1, "pack": 1,
                           "quantize": 1}
     for rule, runtime in (("calibrate", "60"), ("awq", "240"), ("evaluate", "240"), ("pack", "30")):
@@ -33,14 +37,14 @@ def test_slurm_profile_places_jobs(tmp_path, tiny_llama_dir, snakemake, workflow
 
     # device cuda: calibrate and awq ask for a GPU in the GPU partition; evaluate stays on the CPU.
     workflow_config(tmp_path, tiny_llama_dir, device="cuda", cluster={"gpu_partition": "a100"})
-    r = snakemake(tmp_path, "-n", "--workflow-profile", "workflow/profiles/slurm", "quantize")
+    r = snakemake(tmp_path, "-n", "--workflow-profile", SLURM, "quantize")
     assert r.returncode == 0, r.stderr[-3000:]
     for rule in ("calibrate", "awq"):
         res = _resources(r, rule)
         assert res["gpu"] == "1" and res["slurm_partition"] == "a100", (rule, res)
     assert _resources(r, "evaluate").get("gpu", "0") == "0"
     workflow_config(tmp_path, tiny_llama_dir, device="cuda", cluster={"gpu_partition": ""})
-    r = snakemake(tmp_path, "-n", "--workflow-profile", "workflow/profiles/slurm", "quantize")
+    r = snakemake(tmp_path, "-n", "--workflow-profile", SLURM, "quantize")
     assert r.returncode == 0 and "slurm_partition" not in _resources(r, "awq")
 
 
@@ -55,7 +59,7 @@ def test_kubernetes_profile_dry_run(tmp_path, tiny_llama_dir, snakemake, workflo
                     recipes={"w4g128": {"w_group_size": 128}})
     env = {"LMKILN_IMAGE": "registry.example.org/lmkiln:test", "LMKILN_PVC": "lmkiln-work",
            "LMKILN_STORE": str(store)}
-    r = snakemake(work, "-n", "-p", "--workflow-profile", "workflow/profiles/kubernetes", "grid", env=env)
+    r = snakemake(work, "-n", "-p", "--workflow-profile", KUBERNETES, "grid", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout + r.stderr
     assert jobs_of(r) == {"prepare_texts": 1, "calibrate": 1, "awq": 2, "evaluate": 2, "pack": 2,

@@ -19,9 +19,10 @@ from lmkiln.artifact import read_manifest
 REPO = Path(__file__).resolve().parents[2]
 START = REPO / "scripts" / "slurm" / "start-single-node.sh"
 # The single-node cluster has no accounting database: job states come from squeue (MinJobAge=600 keeps
-# finished jobs listed), no account is needed, and the first status check comes after 2 s, not 40 s.
+# finished jobs listed) and no account is needed. Status checks come after 4 s, then 10 s more each time
+# nothing finished (the plugin's backoff), not after 40 s: a step of the tiny build takes 8-16 s.
 LOCAL_CLUSTER_FLAGS = ("--slurm-status-command", "squeue", "--slurm-no-account",
-                       "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs")
+                       "--slurm-init-seconds-before-status-checks", "4", "--slurm-keep-successful-logs")
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,8 @@ def _squeue(job_ids: list[str]) -> dict[str, dict[str, str]]:
 def test_quantize_on_slurm(slurm_cluster, tmp_path, tiny_llama_dir, snakemake, workflow_config,
                            jobs_of) -> None:
     workflow_config(tmp_path, tiny_llama_dir)
-    r = snakemake(tmp_path, "--workflow-profile", "workflow/profiles/slurm", *LOCAL_CLUSTER_FLAGS, "quantize",
-                  timeout=600)
+    r = snakemake(tmp_path, "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"),
+                  *LOCAL_CLUSTER_FLAGS, "quantize", timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-5000:]
 
