@@ -268,12 +268,20 @@ def test_nccl_tp2_packed_int4_matches_tp1(tmp_path, make_tiny_model) -> None:
                              tmp_path / "packed")
     kw = {"device": "cuda", "dtype": "float16", "block_size": 16, "cache_max_entry_count": 256,
           "max_num_seqs": 8}
-    params = SamplingParams(temperature=0, max_tokens=24)
+    params = SamplingParams(temperature=0, max_tokens=24, logprobs=2)
     ref, _, _ = _generate(packed, params, **kw)
     with LLMEngine.from_pretrained(packed, **_kw(tp=2, **kw)) as eng:
         assert eng.loaded.int4
         got = eng.generate(PROMPTS, params)
-    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    # Each rank's int4 GEMMs reduce over half of K (split-K partials, then the all-reduce), so fp16 sums
+    # round differently than at tp 1 (seen on 2 x H200: one prompt parted at token 8). The sequences may
+    # part only where tp 1's top two tokens were a near tie.
+    for g, r in zip(got, ref, strict=True):
+        i = next((j for j, (a, b) in enumerate(zip(g.token_ids, r.token_ids, strict=True)) if a != b), None)
+        if i is None:
+            continue
+        top = sorted(r.logprobs[i].top.values(), reverse=True)
+        assert top[0] - top[1] < 0.1, f"tp 2 parted from tp 1 at token {i} without a near tie: {top}"
 
 
 @pytest.mark.gpu
