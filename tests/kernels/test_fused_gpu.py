@@ -3,8 +3,9 @@ against the model's torch ops on the same GPU, CUDA-graph capture and replay, an
 (``LMKILN_FUSED=1`` vs ``0``) on SmolLM2 with CUDA-graph decode.
 
 Expected: rotary bit-identical in every dtype (same fp32 ops and roundings, FMA contraction off); SiLU·mul
-within one ulp (expf and IEEE division, as torch; in practice identical); RMSNorm within one ulp in fp16/bf16
-(its sum of squares is reduced in another order) on at most 1% of the elements, fp32 within 4 ulps."""
+within one ulp (expf and IEEE division, as torch; in practice identical); RMSNorm within two ulps in fp16/bf16
+(its sum of squares is reduced in another order, then rounded twice) on at most 1% of the elements, fp32
+within 4 ulps."""
 
 from __future__ import annotations
 
@@ -68,8 +69,10 @@ def test_rmsnorm_7b(dtype, t) -> None:
     half = dtype != torch.float32
     y, h = add_rmsnorm(x, r, norm.weight, norm.eps)
     assert torch.equal(h, ref_h)
-    _ulp_check(y, ref_y2, 1 if half else 4, 0.01 if half else 1.0)
-    _ulp_check(rmsnorm(x, norm.weight, norm.eps), ref_y, 1 if half else 4, 0.01 if half else 1.0)
+    # a 1-ulp difference of the fp32 normalized value can become 2 ulps in fp16/bf16: it is rounded twice
+    # (the cast back to the input dtype, then the product with the weight), as in the torch module
+    _ulp_check(y, ref_y2, 2 if half else 4, 0.01 if half else 1.0)
+    _ulp_check(rmsnorm(x, norm.weight, norm.eps), ref_y, 2 if half else 4, 0.01 if half else 1.0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
