@@ -196,7 +196,7 @@ def _kernels_section(kernels: dict | None) -> Section | None:
                             f"{kernels['copy_bw_GBps']:.0f} GB/s), {kernels.get('timing', '')}, group size "
                             f"{kernels['group_size']}: ms per forward pass over the 32 x 4 linears."])
     rows = [[m] + [_fmt(v.get(k), ".3f") for k in ("ours_ms", "fp16_ms", "tinygemm_ms", "floor_ms")]
-            for m, v in kernels.get("sum_7b_ms", {}).items()]
+            for m, v in sorted(kernels.get("sum_7b_ms", {}).items(), key=lambda kv: int(kv[0]))]
     s.tables.append((["M", "ours", "fp16 cuBLAS", "tinygemm", "HBM floor"], rows))
     return s
 

@@ -161,3 +161,13 @@ def test_summary_table(tmp_path) -> None:
     assert "## Kernels" not in md
     html = to_html(sections)
     assert "<th>AWQ + KV int4</th>" in html and "<td>21.60 (+8.0%)</td>" in html and DEVICE in html
+
+
+def test_kernels_section_lists_m_in_numeric_order() -> None:
+    from lmkiln.report import _kernels_section
+
+    row = {"ours_ms": 1.0, "fp16_ms": 2.0, "tinygemm_ms": 3.0, "floor_ms": 0.5}
+    kernels = {"device": "GPU", "copy_bw_GBps": 3000.0, "timing": "cuda-graph replays", "group_size": 64,
+               "sum_7b_ms": {m: row for m in ("1", "16", "2048", "256", "64")}}
+    section = _kernels_section(kernels)
+    assert [r[0] for r in section.tables[0][1]] == ["1", "16", "64", "256", "2048"]
