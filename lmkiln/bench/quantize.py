@@ -100,9 +100,9 @@ def bench_synthetic(samples: int, seqlen: int, group_size: int, workdir: Path | 
         t_awq = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     return {"benchmark": "awq_synthetic", "device": device_name(), "shape": shape, "samples": samples,
-            "seqlen": seqlen, "group_size": group_size, "write_checkpoint_s": round(t_write, 1),
-            "calibrate_s": round(t_calib, 1), "awq_s": round(t_awq, 1),
-            "calibrate_plus_awq_s": round(t_calib + t_awq, 1), "peak_gpu_mem_gib": round(peak, 2),
+            "seqlen": seqlen, "group_size": group_size, "write_checkpoint_s": round(t_write, 3),
+            "calibrate_s": round(t_calib, 3), "awq_s": round(t_awq, 3),
+            "calibrate_plus_awq_s": round(t_calib + t_awq, 3), "peak_gpu_mem_gib": round(peak, 2),
             "torch": torch.__version__}
 
 
