@@ -9,6 +9,10 @@ Public API (the Triton module ``w4a16`` is imported lazily, so the CPU reference
 
 Submodules: ``w4a16`` (kernels, launchers ``gemv``/``mma``/``dequant_mm``/``dequant``, ``KernelConfig``,
 ``make_scratch``), ``dispatch``, ``reference``; tuned configurations live in ``kernels/tuned/<gpu>.json``.
+The engine's other kernels, each with a pure-torch reference: ``kv_cache`` (``write_kv``: paged KV write,
+int8/int4 quantization), ``paged_attention`` (``paged_decode`` split-KV, ``paged_prefill`` varlen with prefix
+hits; references in ``attention_ref``) and ``fused`` (``add_rmsnorm``/``rmsnorm``, in-place ``rotary_``,
+``silu_mul``).
 """
 
 from lmkiln.kernels.dispatch import choose_config, heuristic_config, w4a16_matmul, w4a16_mm
