@@ -240,9 +240,13 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
         out.preempted_seq_ids.append(seq.seq_id)
-        log.info(
-            "KV cache full: preempted request %r (%d tokens) for recompute", seq.request_id, seq.num_tokens
-        )
+        log.debug("KV cache full: preempted %r (%d tokens) for recompute", seq.request_id, seq.num_tokens)
+        if self.num_preemptions == 1 or self.num_preemptions % 100 == 0:  # one line per 100, not thousands
+            log.warning(
+                "KV cache full: %d preemptions so far (requests recomputed); more KV blocks "
+                "(--cache-max-entry-count, --quant-policy 8) or a lower --max-batch-size avoid them",
+                self.num_preemptions,
+            )
 
     def _release_waiting(self, seq: Sequence) -> None:
         """Free the blocks a waiting sequence holds (a session turn's history); it will recompute them."""

@@ -61,15 +61,20 @@ def _outputs(fs, prompts, max_tokens):
 
 
 @pytest.mark.parametrize("prefix", [False, True])
-def test_preemption_recomputes_and_gives_the_same_tokens(make_scheduler, prefix) -> None:
+def test_preemption_recomputes_and_gives_the_same_tokens(make_scheduler, prefix, caplog) -> None:
     prompts = [list(range(i, i + 5 + 3 * i)) for i in range(6)]
     big = make_scheduler(num_blocks=200, prefix=prefix)
     small = make_scheduler(num_blocks=12, prefix=prefix)
     expected = _outputs(big, prompts, 16)
-    got = _outputs(small, prompts, 16)
+    with caplog.at_level("WARNING", logger="lmkiln.engine.scheduler"):
+        got = _outputs(small, prompts, 16)
     assert got == expected
-    assert small.scheduler.num_preemptions > 0 and big.scheduler.num_preemptions == 0
+    n = small.scheduler.num_preemptions
+    assert n > 0 and big.scheduler.num_preemptions == 0
     assert small.scheduler.block_manager.num_free_blocks == 12
+    # under load the log gets one warning for the first preemption and one per hundred, not one per request
+    warnings = [r for r in caplog.records if "preemptions so far" in r.getMessage()]
+    assert len(warnings) == 1 + n // 100
 
 
 def test_a_sequence_outgrowing_the_cache_finishes_with_length(make_scheduler) -> None:
