@@ -131,9 +131,12 @@ def _engine_section(engine: dict | None) -> Section | None:
     from lmkiln.bench.plots import decode_series
 
     cfg = engine.get("settings", {})
+    caches = sorted({r["cache"] for name, rows in engine.get("decode", {}).items() if name.startswith("hf")
+                     for r in rows if r.get("cache")})
     s = Section("Engine", [f"`lmkiln bench engine` on {engine.get('device', '?')}: decode of prompt "
                            f"{cfg.get('prompt_len', '?')} / output {cfg.get('output_len', '?')} tokens; "
-                           "hf-* are HF transformers generate (static cache), measured in the same run."])
+                           f"hf-* are HF transformers generate ({' / '.join(caches) or 'default'} cache), "
+                           "measured in the same run."])
     series = decode_series(engine)
     if series:
         batches = sorted({b for pts in series.values() for b, _ in pts})

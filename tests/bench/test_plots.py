@@ -39,7 +39,8 @@ QUALITY = {"device": DEVICE, "device_type": "cpu", "dtype": "float32",
 ENGINE = {  # the shape `lmkiln bench engine` writes
     "device": DEVICE, "settings": {"prompt_len": 32, "output_len": 16},
     "decode": {"ours-int4": [{"batch": 1, "decode_tok_s": 30.0}, {"batch": 4, "decode_tok_s": 100.0}],
-               "hf-float32": [{"batch": 1, "decode_tok_s": 20.0}, {"batch": 4, "decode_tok_s": 50.0}]},
+               "hf-float32": [{"batch": 1, "decode_tok_s": 20.0, "cache": "dynamic"},
+                              {"batch": 4, "decode_tok_s": 50.0, "cache": "dynamic"}]},
     "ratios": {"ours-int4/hf-float32": {"1": 1.5, "4": 2.0}},
     "throughput": {"kv0": {"num_requests": 8, "prompt_len": 64, "output_len": 16, "requests_per_s": 2.5,
                            "output_tok_s": 40.0, "ttft_ms": {"p50": 50.0, "p99": 200.0},
@@ -157,6 +158,7 @@ def test_summary_table(tmp_path) -> None:
     assert "| kv0 | 2.50 | 40.0 | 50.0 / 200.0 | 20.0 / 30.0 | 256 | – |" in md
     assert "TTFT of turn 3 12.5 ms vs turn 1 40.0 ms" in md and "ours-int4 512 MiB (float32)" in md
     assert "| TTFT p50 / p99 (ms) | 70.0 / 120.0 |" in md
+    assert "hf-* are HF transformers generate (dynamic cache)" in md  # the cache the baseline really used
     assert "| bench_quality | 12.5 | 800 |" in md and "awq" not in md.split("## Quality")[0]
     assert "## Kernels" not in md
     html = to_html(sections)
