@@ -765,6 +765,23 @@ def _split_buffers(
     return cnt, torch.empty((tiles * split * tile_elems,), dtype=torch.float32, device=device)
 
 
+def _plan_split(
+    split_k: int,
+    n_chunks: int,
+    tiles: int,
+    tile_elems: int,
+    scratch: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(split, counters, partials) of a tiled launch: ``split_k`` capped at the K chunks, and no split-K when
+    the caller's ``scratch`` holds fewer counters than the launch has tiles."""
+    split = max(1, min(split_k, n_chunks))
+    if split > 1 and scratch is not None and scratch.numel() < tiles:
+        log.debug("scratch holds %d tiles < %d: running without split-K", scratch.numel(), tiles)
+        split = 1
+    return (split, *_split_buffers(scratch, tiles, split, tile_elems, device))
+
+
 def make_scratch(device: torch.device | str, tiles: int = 1 << 14) -> torch.Tensor:
     """Zeroed split-K counters; every kernel launch leaves them zeroed. One per stream."""
     return torch.zeros(tiles, dtype=torch.int32, device=device)
@@ -843,14 +860,10 @@ def fma(
         raise QuantConfigError(f"fma: chunks and flush must be >= 1, got {cfg.chunks} and {cfg.flush}")
     sub = _fma_sub(cfg)
     n_chunks = k // PACK_K
-    split = max(1, min(cfg.split_k, n_chunks))
     y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid_m = triton.cdiv(m, cfg.block_m)
     tiles = grid_m * (n // cfg.block_n)
-    if split > 1 and scratch is not None and scratch.numel() < tiles:
-        log.debug("scratch holds %d tiles < %d: running without split-K", scratch.numel(), tiles)
-        split = 1
-    cnt, ws = _split_buffers(scratch, tiles, split, cfg.block_m * cfg.block_n, x.device)
+    split, cnt, ws = _plan_split(cfg.split_k, n_chunks, tiles, cfg.block_m * cfg.block_n, scratch, x.device)
     f16asm = x.dtype == torch.float16 and not _interpreting()
     if f16asm and x.data_ptr() % 4:
         x = x.clone()  # the (x[k], x[k+1]) pairs are read as int32
@@ -906,13 +919,9 @@ def mma(
     if cfg.block_m < 16 or cfg.block_m & (cfg.block_m - 1):
         raise QuantConfigError(f"mma block_m must be a power of two >= 16, got {cfg.block_m}")
     n_chunks = k // PACK_K
-    split = max(1, min(cfg.split_k, n_chunks))
     y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(m, cfg.block_m) * (n // cfg.block_n)
-    if split > 1 and scratch is not None and scratch.numel() < tiles:
-        log.debug("scratch holds %d tiles < %d: running without split-K", scratch.numel(), tiles)
-        split = 1
-    cnt, ws = _split_buffers(scratch, tiles, split, cfg.block_m * cfg.block_n, x.device)
+    split, cnt, ws = _plan_split(cfg.split_k, n_chunks, tiles, cfg.block_m * cfg.block_n, scratch, x.device)
     _mma_kernel[(tiles, split)](
         x,
         qweight,
