@@ -43,31 +43,17 @@ def _write_config(workdir: Path, model: Path, **bench) -> None:
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
 
 
-def _jobs(dry_run: subprocess.CompletedProcess) -> set[str]:
-    """Rule names a dry run would execute (from its job-stats table)."""
-    out, jobs, in_table = dry_run.stdout + dry_run.stderr, set(), False
-    for line in out.splitlines():
-        if line.startswith("job ") and "count" in line:
-            in_table = True
-        elif in_table and line.strip() and not line.startswith("-"):
-            name = line.split()[0]
-            if name == "total":
-                break
-            jobs.add(name)
-    return jobs
-
-
 def _use_prepared_texts(workdir: Path) -> None:
     """Reuse resources/text when this checkout has it (prepare_texts then has nothing to do)."""
     if (PREPARED / "texts.json").is_file():
         shutil.copytree(PREPARED, workdir / "resources" / "text")
 
 
-def test_dry_run_leaves_gpu_rules_out_without_a_gpu(tmp_path, tiny_llama_dir) -> None:
+def test_dry_run_leaves_gpu_rules_out_without_a_gpu(tmp_path, tiny_llama_dir, jobs_of) -> None:
     _write_config(tmp_path, tiny_llama_dir)
     r = _snakemake(tmp_path, "-n", "bench")
     assert r.returncode == 0, r.stderr
-    jobs = _jobs(r)
+    jobs = set(jobs_of(r))
     assert {"bench_quality", "bench_kv_ppl", "bench_engine", "bench_serve", "bench_summary"} <= jobs
     assert "bench_kernels" not in jobs and "bench_plot_bandwidth" not in jobs
     assert "not measuring W4A16 kernels" in r.stderr
@@ -75,11 +61,11 @@ def test_dry_run_leaves_gpu_rules_out_without_a_gpu(tmp_path, tiny_llama_dir) ->
     _write_config(tmp_path, tiny_llama_dir, gpu=True)
     r = _snakemake(tmp_path, "-n", "bench")
     assert r.returncode == 0, r.stderr
-    assert {"bench_kernels", "bench_plot_bandwidth", "bench_summary"} <= _jobs(r)
+    assert {"bench_kernels", "bench_plot_bandwidth", "bench_summary"} <= set(jobs_of(r))
     # `snakemake quantize` does not probe for a GPU or mention the bench
     r = _snakemake(tmp_path, "-n", "quantize")
     assert r.returncode == 0 and "not measuring" not in r.stdout + r.stderr
-    assert not any(j.startswith("bench") for j in _jobs(r))
+    assert not any(j.startswith("bench") for j in set(jobs_of(r)))
 
 
 @pytest.mark.slow

@@ -31,20 +31,6 @@ def _write_config(workdir: Path, model: Path, **quant) -> None:
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
 
 
-def _jobs(dry_run: subprocess.CompletedProcess) -> set[str]:
-    """Rule names a dry run would execute (from its job-stats table)."""
-    out, jobs, in_table = dry_run.stdout + dry_run.stderr, set(), False
-    for line in out.splitlines():
-        if line.startswith("job ") and "count" in line:
-            in_table = True
-        elif in_table and line.strip() and not line.startswith("-"):
-            name = line.split()[0]
-            if name == "total":
-                break
-            jobs.add(name)
-    return jobs
-
-
 def test_config_is_validated(tmp_path, tiny_llama_dir):
     _write_config(tmp_path, tiny_llama_dir)
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
@@ -54,15 +40,15 @@ def test_config_is_validated(tmp_path, tiny_llama_dir):
     assert r.returncode != 0 and "w_bits" in r.stderr + r.stdout
 
 
-def test_dry_run_plans_the_pipeline(tmp_path, tiny_llama_dir):
+def test_dry_run_plans_the_pipeline(tmp_path, tiny_llama_dir, jobs_of):
     _write_config(tmp_path, tiny_llama_dir)
     r = _snakemake(tmp_path, "-n", "quantize")
     assert r.returncode == 0, r.stderr
-    assert _jobs(r) == {"prepare_texts", "calibrate", "awq", "evaluate", "pack", "quantize"}
+    assert set(jobs_of(r)) == {"prepare_texts", "calibrate", "awq", "evaluate", "pack", "quantize"}
 
 
 @pytest.mark.slow
-def test_quantize_end_to_end_then_incremental(tmp_path, smollm2_dir):
+def test_quantize_end_to_end_then_incremental(tmp_path, smollm2_dir, jobs_of):
     _write_config(tmp_path, smollm2_dir, w_group_size=64)
     r = _snakemake(tmp_path, "quantize")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -81,7 +67,7 @@ def test_quantize_end_to_end_then_incremental(tmp_path, smollm2_dir):
     assert "quality gate: passed" in r.stdout + r.stderr  # the end-of-run summary
 
     # Nothing changed: nothing reruns.
-    assert _jobs(_snakemake(tmp_path, "-n", "quantize")) == set()
+    assert set(jobs_of(_snakemake(tmp_path, "-n", "quantize"))) == set()
 
     # A rebuild from the same inputs is byte-identical.
     first = results / "awq.first"
@@ -94,10 +80,10 @@ def test_quantize_end_to_end_then_incremental(tmp_path, smollm2_dir):
 
     # A quantization setting changed: AWQ and the evaluation rerun, calibration does not.
     _write_config(tmp_path, smollm2_dir, w_group_size=32)
-    assert _jobs(_snakemake(tmp_path, "-n", "quantize")) == {"awq", "evaluate", "pack", "quantize"}
+    assert set(jobs_of(_snakemake(tmp_path, "-n", "quantize"))) == {"awq", "evaluate", "pack", "quantize"}
 
 
-def test_snakemake_serve_dry_run(tmp_path, tiny_llama_dir) -> None:
+def test_snakemake_serve_dry_run(tmp_path, tiny_llama_dir, jobs_of) -> None:
     """``snakemake -n serve`` plans the build up to the packed artifact and its quality gate, then the
     server with config.yaml's serve: settings (the dry run prints the shell command)."""
     _write_config(tmp_path, tiny_llama_dir)
@@ -107,7 +93,7 @@ def test_snakemake_serve_dry_run(tmp_path, tiny_llama_dir) -> None:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     r = _snakemake(tmp_path, "-n", "-p", "serve")
     assert r.returncode == 0, r.stderr
-    assert _jobs(r) == {"prepare_texts", "calibrate", "awq", "evaluate", "pack", "serve"}
+    assert set(jobs_of(r)) == {"prepare_texts", "calibrate", "awq", "evaluate", "pack", "serve"}
     cmd = next(line for line in (r.stdout + r.stderr).splitlines() if "lmkiln serve api_server" in line)
     for flag in (f"results/{tiny_llama_dir.name}/packed", "--server-name 127.0.0.1", "--server-port 8123",
                  "--cache-max-entry-count 64", "--quant-policy 8", "--session-len 128",
