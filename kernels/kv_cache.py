@@ -15,11 +15,15 @@ import os
 import torch
 import triton
 import triton.language as tl
+from lmkiln.kernels.attention_ref import INT4_CLIP_STEP, INT4_CLIP_STEPS
 from triton.language.extra import libdevice
 
 from lmkiln.errors import KernelInputError
 
 SZ_DTYPE = torch.float16
+# the int4 range search (see attention_ref), as constexprs: a jit function may read no other globals
+_CLIP_STEPS = tl.constexpr(INT4_CLIP_STEPS)
+_CLIP_STEP = tl.constexpr(INT4_CLIP_STEP)
 KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -39,15 +43,8 @@ def _rint(x, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _quantize(x, valid, QMAX: tl.constexpr, INTERP: tl.constexpr):
-    """``x [BH, BD]`` float32 (invalid entries ignored) -> float32 codes, fp16-rounded scale, zero ``[BH]``.
-
-    Matches ``quantize_kv_ref``: the range is divided by ``QMAX`` and clamped at 1e-8 in float32, scale and
-    zero are rounded through fp16, codes are ``rint((x - zero) / scale)`` clamped to ``[0, QMAX]``. A scale
-    that rounds to 0 in fp16 (a range below ~4e-6) gives code 0 (the reference divides by 0 there; either way
-    the value dequantizes to ``zero``)."""
-    lo = tl.min(tl.where(valid, x, float("inf")), axis=1)
-    hi = tl.max(tl.where(valid, x, float("-inf")), axis=1)
+def _codes(x, lo, hi, QMAX: tl.constexpr, INTERP: tl.constexpr):
+    """Codes of ``x [BH, BD]`` for the row ranges ``[lo, hi]``: float32 codes, fp16-rounded scale, zero."""
     scale = tl.maximum(tl.math.div_rn(hi - lo, QMAX * 1.0), 1e-8)
     scale = scale.to(tl.float16).to(tl.float32)
     zero = lo.to(tl.float16).to(tl.float32)
@@ -55,6 +52,51 @@ def _quantize(x, valid, QMAX: tl.constexpr, INTERP: tl.constexpr):
     q = _rint(tl.math.div_rn(x - zero[:, None], safe[:, None]), INTERP)
     q = tl.minimum(tl.maximum(q, 0.0), QMAX * 1.0)
     q = tl.where(scale[:, None] > 0.0, q, 0.0)
+    return q, scale, zero
+
+
+@triton.jit
+def _sq_err(x, valid, q, scale, zero):
+    """Per-row float64 sum of squared dequantization errors (exact products: codes x fp16 values)."""
+    d = (q.to(tl.float64) * scale[:, None].to(tl.float64) + zero[:, None].to(tl.float64)) - x.to(tl.float64)
+    return tl.sum(tl.where(valid, d * d, 0.0), axis=1)
+
+
+@triton.jit
+def _quantize(
+    x,
+    valid,
+    QMAX: tl.constexpr,
+    INTERP: tl.constexpr,
+    CLIP_STEPS: tl.constexpr = 1,
+    CLIP_STEP: tl.constexpr = 0.0,
+):
+    """``x [BH, BD]`` float32 (invalid entries ignored) -> float32 codes, fp16-rounded scale, zero ``[BH]``.
+
+    Matches ``quantize_kv_ref``: the range is divided by ``QMAX`` and clamped at 1e-8 in float32, scale and
+    zero are rounded through fp16, codes are ``rint((x - zero) / scale)`` clamped to ``[0, QMAX]``. A scale
+    that rounds to 0 in fp16 (a range below ~4e-6) gives code 0 (the reference divides by 0 there; either way
+    the value dequantizes to ``zero``). ``CLIP_STEPS > 1``: the reference's int4 range search."""
+    lo = tl.min(tl.where(valid, x, float("inf")), axis=1)
+    hi = tl.max(tl.where(valid, x, float("-inf")), axis=1)
+    empty = hi < lo  # a row with no valid entry (a padded head, never stored): keep its arithmetic finite
+    lo = tl.where(empty, 0.0, lo)
+    hi = tl.where(empty, 0.0, hi)
+    q, scale, zero = _codes(x, lo, hi, QMAX, INTERP)
+    if CLIP_STEPS > 1:
+        mid = (hi + lo) * 0.5
+        half = (hi - lo) * 0.5
+        best = _sq_err(x, valid, q, scale, zero)
+        for i in tl.static_range(1, CLIP_STEPS):
+            qc, sc, zc = _codes(
+                x, mid - half * (1.0 - CLIP_STEP * i), mid + half * (1.0 - CLIP_STEP * i), QMAX, INTERP
+            )
+            err = _sq_err(x, valid, qc, sc, zc)
+            better = err < best
+            q = tl.where(better[:, None], qc, q)
+            scale = tl.where(better, sc, scale)
+            zero = tl.where(better, zc, zero)
+            best = tl.minimum(err, best)
     return q, scale, zero
 
 
@@ -72,10 +114,13 @@ def _write_one(
     offs_d,
     Hk,
     D,
+    off_ptr,
     BITS: tl.constexpr,
+    HAS_OFF: tl.constexpr,
     INTERP: tl.constexpr,
 ):
-    """Write the heads ``offs_h`` of token ``tok`` of ``x`` into cache row ``slot`` (masked by ``ok``)."""
+    """Write the heads ``offs_h`` of token ``tok`` of ``x`` into cache row ``slot`` (masked by ``ok``); with
+    ``HAS_OFF``, ``x - offset[head]`` (``offset [Hk, D]`` float32)."""
     hmask = (offs_h < Hk) & ok
     row = slot * Hk + offs_h  # int64 (slot, head) row index; slot and ok are [BLOCK_H] vectors
     src = x_ptr + tok * stride_t + offs_h[:, None] * stride_h
@@ -85,11 +130,15 @@ def _write_one(
         m = hmask[:, None] & dmask[None, :]
         xe = tl.load(src + 2 * offs_d[None, :], mask=m, other=0.0).to(tl.float32)
         xo = tl.load(src + 2 * offs_d[None, :] + 1, mask=m, other=0.0).to(tl.float32)
+        if HAS_OFF:
+            off = off_ptr + offs_h[:, None] * D + 2 * offs_d[None, :]
+            xe -= tl.load(off, mask=m, other=0.0)
+            xo -= tl.load(off + 1, mask=m, other=0.0)
         BH: tl.constexpr = offs_h.shape[0]
         BD: tl.constexpr = offs_d.shape[0]
         x = tl.reshape(tl.join(xe, xo), (BH, 2 * BD))  # both halves share the head's range
         valid = tl.reshape(tl.join(m, m), (BH, 2 * BD))
-        q, scale, zero = _quantize(x, valid, 15, INTERP)
+        q, scale, zero = _quantize(x, valid, 15, INTERP, _CLIP_STEPS, _CLIP_STEP)
         qe, qo = tl.split(tl.reshape(q.to(tl.uint8), (BH, BD, 2)))
         tl.store(cache_ptr + row[:, None] * DH + offs_d[None, :], qe | (qo << 4), mask=m)
     else:
@@ -97,7 +146,10 @@ def _write_one(
         m = hmask[:, None] & dmask[None, :]
         x = tl.load(src + offs_d[None, :], mask=m, other=0.0)
         if BITS == 8:
-            q, scale, zero = _quantize(x.to(tl.float32), m, 255, INTERP)
+            x = x.to(tl.float32)
+            if HAS_OFF:
+                x -= tl.load(off_ptr + offs_h[:, None] * D + offs_d[None, :], mask=m, other=0.0)
+            q, scale, zero = _quantize(x, m, 255, INTERP)
             tl.store(cache_ptr + row[:, None] * D + offs_d[None, :], q.to(tl.uint8), mask=m)
         else:
             tl.store(cache_ptr + row[:, None] * D + offs_d[None, :], x.to(cache_ptr.dtype.element_ty), mask=m)
@@ -115,6 +167,7 @@ def _write_kv_kernel(
     ksz_ptr,
     vsz_ptr,
     slot_ptr,
+    koff_ptr,
     num_slots,
     stride_kt,
     stride_kh,
@@ -123,6 +176,7 @@ def _write_kv_kernel(
     Hk,
     D,
     BITS: tl.constexpr,
+    HAS_OFF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INTERP: tl.constexpr,
@@ -134,10 +188,12 @@ def _write_kv_kernel(
     slot = tl.load(slot_ptr + tok + 0 * offs_h).to(tl.int64)
     ok = (slot >= 0) & (slot < num_slots)
     _write_one(
-        k_ptr, kc_ptr, ksz_ptr, tok, stride_kt, stride_kh, slot, ok, offs_h, offs_d, Hk, D, BITS, INTERP
+        k_ptr, kc_ptr, ksz_ptr, tok, stride_kt, stride_kh, slot, ok, offs_h, offs_d, Hk, D, koff_ptr, BITS,
+        HAS_OFF, INTERP,
     )
     _write_one(
-        v_ptr, vc_ptr, vsz_ptr, tok, stride_vt, stride_vh, slot, ok, offs_h, offs_d, Hk, D, BITS, INTERP
+        v_ptr, vc_ptr, vsz_ptr, tok, stride_vt, stride_vh, slot, ok, offs_h, offs_d, Hk, D, koff_ptr, BITS,
+        False, INTERP,
     )
 
 
@@ -174,6 +230,24 @@ def check_cache(
         raise KernelInputError(f"an unquantized {name} cache must be fp16, bf16 or fp32, got {cache.dtype}")
 
 
+def check_offset(
+    offset: torch.Tensor | None, bits: int, num_kv_heads: int, head_dim: int, device: torch.device
+) -> None:
+    """Validate a K offset (see :func:`lmkiln.kernels.attention_ref.write_kv_ref`)."""
+    if offset is None:
+        return
+    if not bits:
+        raise KernelInputError("a K offset only applies to a quantized (int8 / int4) cache; pass None")
+    shape_ok = offset.shape == (num_kv_heads, head_dim)
+    if not shape_ok or offset.dtype != torch.float32 or not offset.is_contiguous():
+        raise KernelInputError(
+            f"k_offset must be a contiguous float32 [{num_kv_heads}, {head_dim}] tensor, got {offset.dtype} "
+            f"{list(offset.shape)}"
+        )
+    if offset.device != device:
+        raise KernelInputError(f"k_offset is on {offset.device} but k on {device}")
+
+
 def _check_tokens(x: torch.Tensor, name: str) -> None:
     if x.dim() != 3 or x.stride(2) != 1:
         raise KernelInputError(
@@ -193,11 +267,12 @@ def write_kv(
     k_sz: torch.Tensor | None = None,
     v_sz: torch.Tensor | None = None,
     bits: int = 0,
+    k_offset: torch.Tensor | None = None,
 ) -> None:
     """Store ``k, v [T, Hk, D]`` in the slots ``slot_mapping [T]`` (quantized when ``bits`` is 4 or 8).
 
-    Same contract as ``write_kv_ref``, plus: slots < 0 are skipped. No host synchronisation (CUDA-graph
-    capturable)."""
+    Same contract as ``write_kv_ref`` (``k_offset``: a float32 ``[Hk, D]`` subtracted from K before it is
+    quantized), plus: slots < 0 are skipped. No host synchronisation (CUDA-graph capturable)."""
     _check_tokens(k, "k")
     _check_tokens(v, "v")
     if k.shape != v.shape:
@@ -217,6 +292,7 @@ def write_kv(
     devices = {x.device for x in (k, v, k_cache, v_cache, slot_mapping)}
     if len(devices) != 1:
         raise KernelInputError(f"write_kv tensors must share one device, got {sorted(map(str, devices))}")
+    check_offset(k_offset, bits, hk, d, k.device)
     if t == 0:
         return
     block_d = triton.next_power_of_2(d // 2 if bits == 4 else d)
@@ -230,6 +306,7 @@ def write_kv(
         k_sz if bits else dummy,
         v_sz if bits else dummy,
         slot_mapping,
+        k_offset if k_offset is not None else dummy,
         k_cache.shape[0] * k_cache.shape[1],
         k.stride(0),
         k.stride(1),
@@ -238,8 +315,10 @@ def write_kv(
         hk,
         d,
         BITS=bits,
+        HAS_OFF=k_offset is not None,
         BLOCK_H=block_h,
         BLOCK_D=block_d,
         INTERP=interpreting(),
         num_warps=4 if block_h * block_d >= 1024 else 1,
+        enable_fp_fusion=False,  # no FMA contraction: the int4 range search must round as the reference does
     )

@@ -16,6 +16,7 @@ varlen kernel (prefill from scratch and a chunk after a cached prefix) in TFLOP/
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import platform
 import sys
@@ -70,12 +71,12 @@ class PagedCase:
         self.out = torch.empty_like(self.q)
         self.bits, self.scale = bits, d**-0.5
 
-    def triton(self) -> torch.Tensor:
+    def triton(self, config: Any = None) -> torch.Tensor:
         from lmkiln.kernels.paged_attention import paged_decode
 
         c = self.cache
         return paged_decode(
-            self.q, c.k, c.v, self.tables, self.lens, self.scale, c.k_sz, c.v_sz, self.bits, out=self.out
+            self.q, c.k, c.v, self.tables, self.lens, self.scale, c.k_sz, c.v_sz, self.bits, config, self.out
         )
 
     def reference(self) -> torch.Tensor:
@@ -215,6 +216,64 @@ def run(
     return report
 
 
+def _decode_with(_: Any, cfg: Any, case: PagedCase) -> torch.Tensor:
+    return case.triton(cfg)
+
+
+SWEEP_BLOCK_N = (32, 64, 128)
+SWEEP_WARPS = (2, 4, 8)
+SWEEP_STAGES = (1, 2, 3, 4)
+
+
+def sweep(
+    out_dir: Path,
+    batches: Sequence[int],
+    contexts: Sequence[int],
+    bits_list: Sequence[int],
+    page: int,
+    rep_ms: int,
+) -> dict[str, Any]:
+    """Time the decode kernel over launch configs (block_n x num_warps x num_stages) for every case; ``err``
+    is each config's relative difference from the default config's output. Writes ``attention_sweep.json``."""
+    from lmkiln.artifact import write_json_atomic
+    from lmkiln.bench.kernels import _timed
+    from lmkiln.kernels.paged_attention import AttentionConfig
+
+    if not torch.cuda.is_available():
+        raise LmkilnError("the attention sweep needs a CUDA GPU")
+    dev, hq, hk, d = "cuda", 32, 32, 128
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name(dev), "cases": []}
+    for bits in bits_list:
+        for batch in batches:
+            for ctx in contexts:
+                case = PagedCase(batch, ctx, hq, hk, d, bits, page, dev)
+                nbytes = kv_bytes(batch, ctx, hk, d, bits) + 2 * batch * hq * d * 2
+                want = case.triton().clone()
+                rows = []
+                for bn in SWEEP_BLOCK_N:
+                    for w in SWEEP_WARPS:
+                        for st in SWEEP_STAGES:
+                            cfg = AttentionConfig(block_n=bn, num_warps=w, num_stages=st)
+                            call = functools.partial(_decode_with, cfg=cfg, case=case)
+                            try:
+                                got = call(None).clone()
+                                us = _timed(call, 1, rep_ms, True)
+                            except Exception as e:  # a config the compiler refuses (shared memory, registers)
+                                rows.append({"block_n": bn, "warps": w, "stages": st, "error": repr(e)[:200]})
+                                continue
+                            rows.append({"block_n": bn, "warps": w, "stages": st, "us": us,
+                                         "GBps": nbytes / (us * 1e-6) / 1e9, "err": _rel(got, want)})
+                ok = [r for r in rows if "us" in r]
+                best = min(ok, key=lambda r: r["us"]) if ok else None
+                log.info("sweep bits %d batch %d ctx %d: best %s", bits, batch, ctx, best)
+                report["cases"].append({"bits": bits, "batch": batch, "ctx": ctx, "best": best, "rows": rows})
+                del case
+                torch.cuda.empty_cache()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "attention_sweep.json", report)
+    return report
+
+
 def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"{report['device']}: copy {report['copy_bw_GBps']:.0f} GB/s; decode, 32/32 heads, d=128 (us, GB/s)",
@@ -253,8 +312,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rep-ms", type=int, default=50, help="do_bench repetition time per measurement")
     p.add_argument("--ref-max-gib", type=float, default=8.0, help="skip the torch reference above this")
     p.add_argument("--eager", action="store_true", help="time eager calls, not CUDA-graph replays")
+    p.add_argument("--sweep", action="store_true",
+                   help="time the decode kernel over launch configs instead (attention_sweep.json)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.sweep:
+        sweep(args.out, args.batch, args.ctx, args.bits, args.block_size, args.rep_ms)
+        return 0
     try:
         report = run(
             args.out,

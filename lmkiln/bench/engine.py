@@ -405,6 +405,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                                               vocab)
         del eng
         _free()
+        for q in (p for p in a.decode_quant_policy if p and not a.skip_decode):  # over a quantized KV cache
+            eng = _engine(path, loaded, str(device), max_seqs, session_len, q, a.eager)
+            report["decode"][f"{name}-kv{q}"] = bench_decode_ours(
+                eng, a.batch_sizes, a.prompt_len, a.output_len, vocab)
+            del eng
+            _free()
         if i == 0 and not a.skip_throughput:
             for q in a.quant_policy:
                 if device.type == "cuda":
@@ -463,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=256, help="engine batch limit for the throughput run")
     p.add_argument("--quant-policy", type=int, nargs="+", default=[0, 8], choices=[0, 4, 8],
                    help="KV cache policies of the throughput run")
+    p.add_argument("--decode-quant-policy", type=int, nargs="+", default=[0], choices=[0, 4, 8],
+                   help="KV cache policies of the decode sweep; fp (0) always runs, 8 / 4 add rows named "
+                        "ours-<variant>-kv8 / -kv4")
     p.add_argument("--session-turns", type=int, default=10)
     p.add_argument("--session-turn-len", type=int, default=64, help="new prompt tokens each turn")
     p.add_argument("--session-output-len", type=int, default=32)

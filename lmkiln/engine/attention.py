@@ -98,7 +98,9 @@ class TorchAttentionBackend(_Backend):
     ) -> torch.Tensor:
         from lmkiln.kernels.attention_ref import paged_attention_ref, write_kv_ref
 
-        write_kv_ref(k, v, cache.k, cache.v, meta.slot_mapping, cache.k_sz, cache.v_sz, cache.bits)
+        write_kv_ref(
+            k, v, cache.k, cache.v, meta.slot_mapping, cache.k_sz, cache.v_sz, cache.bits, cache.k_offset
+        )
         return paged_attention_ref(
             q,
             cache.k,
@@ -135,7 +137,9 @@ class TritonAttentionBackend(_Backend):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        self._write_kv(k, v, cache.k, cache.v, meta.slot_mapping, cache.k_sz, cache.v_sz, cache.bits)
+        self._write_kv(
+            k, v, cache.k, cache.v, meta.slot_mapping, cache.k_sz, cache.v_sz, cache.bits, cache.k_offset
+        )
         if meta.is_decode_only and q.shape[0] == meta.num_seqs:
             return self._decode(
                 q,

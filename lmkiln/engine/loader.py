@@ -141,6 +141,7 @@ def load_model(
     """Load any servable model directory onto ``device`` (``verify``: check every file's sha256; ``int4``:
     ``auto`` | ``on`` | ``off`` for packed dirs, default ``$LMKILN_INT4`` or ``auto``)."""
     from lmkiln.artifact import read_manifest
+    from lmkiln.quant.kv_stats import load_kv_stats
 
     model_dir = Path(model_dir)
     dev = resolve_device(device) if isinstance(device, str) else device
@@ -172,9 +173,14 @@ def load_model(
         raise CacheMemoryError(
             f"out of memory loading {model_dir} ({nbytes / GIB:.2f} GiB of {dt} weights) onto {dev}: {e}"
         ) from e
+    k_means = load_kv_stats(model_dir, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+    if k_means is not None:
+        for layer, c in zip(model.model.layers, k_means, strict=True):
+            layer.self_attn.k_mean = c.to(dev)
     log.info(
-        "loaded %s (%s%s, %s layers) as %s on %s",
-        model_dir, kind, ", int4 linears" if use_int4 else "", cfg.num_layers, dt, dev,
+        "loaded %s (%s%s, %s layers%s) as %s on %s",
+        model_dir, kind, ", int4 linears" if use_int4 else "", cfg.num_layers,
+        ", K statistics" if k_means is not None else "", dt, dev,
     )
     return LoadedModel(model, cfg, kind, dt, dev, nbytes, use_int4)
 

@@ -256,6 +256,7 @@ class ModelRunner:
                 loaded.dtype,
                 loaded.device,
                 config.quant_policy,
+                self._k_offsets(config.quant_policy),
             )
         except (torch.OutOfMemoryError, RuntimeError) as e:
             per_block = KVCache.bytes_per_block(
@@ -286,6 +287,20 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.eager:
             self.enable_decode_graphs(capture=True)
+
+    def _k_offsets(self, quant_policy: int) -> list[torch.Tensor] | None:
+        """The layers' calibrated K means for a quantized cache (None: unquantized, or no kv_stats)."""
+        if not quant_policy:
+            return None
+        means = [layer.self_attn.k_mean for layer in self.model.model.layers]
+        if any(m is None for m in means):
+            log.info(
+                "no K statistics (kv_stats.safetensors) in the model directory: the int%d KV cache is not "
+                "centered (int4 loses more; an AWQ or packed build from `lmkiln lite auto_awq` has them)",
+                quant_policy,
+            )
+            return None
+        return means  # type: ignore[return-value]
 
     def enable_decode_graphs(self, capture: bool = True) -> None:
         """Run decode steps through :class:`DecodeGraphs` (``capture``: record CUDA graphs; CUDA only)."""

@@ -92,6 +92,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.qkv_sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
         self.qkv_proj: nn.Module | None = None  # fused q/k/v, set by DecoderLayer.fuse
+        # calibrated mean of K after RoPE [num_kv_heads, head_dim] (kv_stats.safetensors): quantized caches
+        self.k_mean: torch.Tensor | None = None
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.qkv_proj is not None:

@@ -345,6 +345,8 @@ def shard_model(model: nn.Module, cfg: ModelConfig, comm: Comm) -> ModelConfig:
                 f"({hs.num_heads} x head_dim {d}): {e}"
             ) from None
         attn.num_heads, attn.num_kv_heads = hs.num_heads, hs.num_kv_heads
+        if attn.k_mean is not None:
+            attn.k_mean = attn.k_mean[hs.kv_start : hs.kv_end].contiguous()
         attn.qkv_sizes = [hs.num_heads * d, hs.num_kv_heads * d, hs.num_kv_heads * d]
         a, b = mlp_ranges(cfg, mlp.down_proj, world)[rank]
         if getattr(mlp, "gate_up_proj", None) is not None:

@@ -34,6 +34,7 @@ from lmkiln.errors import ArtifactError
 from lmkiln.models.checkpoint import Checkpoint
 from lmkiln.models.llama import DecoderLayer, RMSNorm
 from lmkiln.quant.calibrate import load_act_stats
+from lmkiln.quant.kv_stats import kv_stats_from_calib, write_kv_stats
 from lmkiln.quant.rtn import QuantSpec, fake_quantize, to_awq_tensors
 from lmkiln.quant.walker import LayerWalker, pick_device
 
@@ -316,13 +317,16 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
 
 
 def write_quantized_dir(ckpt: Checkpoint, tensors: dict[str, torch.Tensor], out_dir: Path,
-                        spec: QuantSpec, info: dict) -> Path:
-    """Write an AutoAWQ-GEMM directory atomically (temp dir, manifest last, rename)."""
+                        spec: QuantSpec, info: dict, kv_stats: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write an AutoAWQ-GEMM directory atomically (temp dir, manifest last, rename); with ``kv_stats``, also
+    ``kv_stats.safetensors`` (:mod:`lmkiln.quant.kv_stats`; AutoAWQ loaders ignore the extra file)."""
     with staged_dir(out_dir) as tmp:
         save_safetensors_atomic(tmp / "model.safetensors", tensors, metadata={"format": "pt"})
         raw = json.loads((ckpt.dir / "config.json").read_text())
         write_json_atomic(tmp / "config.json", awq_config_json(raw, spec))
         copy_tokenizer_files(ckpt.dir, tmp)
+        if kv_stats is not None:
+            write_kv_stats(tmp, kv_stats, {"calibration": info.get("calibration", {})})
         write_manifest(tmp, "awq", {"format": AWQ_FORMAT, "bits": spec.bits,
                                     "group_size": spec.group_size, "zero_point": spec.zero_point, **info})
     return out_dir
@@ -356,7 +360,11 @@ def awq_quantize(model_dir: str | Path, stats_path: str | Path, tokens: torch.Te
         tensors.update(layer_tensors(step.layer, prefix, cfg.spec))
     info = {"source": {"model_hash": model_hash, "architecture": ckpt.config.architecture},
             "calibration": header, "awq": cfg.to_json(), "scale_ratios": ratios}
-    return write_quantized_dir(ckpt, tensors, Path(out_dir), cfg.spec, info)
+    kv_stats = kv_stats_from_calib(stats, ckpt.config.num_layers)
+    if kv_stats is None:
+        log.warning("%s has no K statistics (calibrated by an older lmkiln): no kv_stats.safetensors, so "
+                    "int4 KV caches run uncentered; re-run calibrate to get them", stats_path)
+    return write_quantized_dir(ckpt, tensors, Path(out_dir), cfg.spec, info, kv_stats)
 
 
 def rtn_quantize(model_dir: str | Path, out_dir: str | Path, spec: QuantSpec, progress: bool = True) -> Path:

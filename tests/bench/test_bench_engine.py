@@ -26,7 +26,7 @@ def test_bench_engine_cpu_tiny(tmp_path: Path, tiny_llama_dir: Path) -> None:
             "--batch-sizes", "1", "4", "--prompt-len", "16", "--output-len", "8",
             "--num-requests", "6", "--throughput-prompt-len", "16", "--throughput-output-len", "8",
             "--quant-policy", "0", "8", "--session-turns", "3", "--session-turn-len", "8",
-            "--session-output-len", "4"]
+            "--session-output-len", "4", "--decode-quant-policy", "0", "4"]
     with pytest.raises(SystemExit) as exit_:
         cli(args)
     assert exit_.value.code == 0
@@ -35,7 +35,9 @@ def test_bench_engine_cpu_tiny(tmp_path: Path, tiny_llama_dir: Path) -> None:
     ours = report["decode"]["ours-fp"]
     assert [r["batch"] for r in ours] == [1, 4] and all(r["decode_tok_s"] > 0 for r in ours)
     assert [r["batch"] for r in report["decode"]["hf-float32"]] == [1, 4]
-    assert set(report["ratios"]) == {"ours-fp/hf-float32"}
+    kv4 = report["decode"]["ours-fp-kv4"]  # the same sweep over an int4 KV cache
+    assert [r["batch"] for r in kv4] == [1, 4] and all(r["decode_tok_s"] > 0 for r in kv4)
+    assert set(report["ratios"]) == {"ours-fp/hf-float32", "ours-fp-kv4/hf-float32"}
     for q in ("kv0", "kv8"):
         t = report["throughput"][q]
         assert t["num_requests"] == 6 and t["output_tok_s"] > 0 and t["ttft_ms"]["p99"] >= t["ttft_ms"]["p50"]

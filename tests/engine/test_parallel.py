@@ -105,6 +105,23 @@ def test_tp2_packed_int4_matches_tp1(tmp_path, make_tiny_model, monkeypatch) -> 
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
 
 
+def test_tp2_centered_int4_cache_matches_tp1(tmp_path, make_tiny_model) -> None:
+    """K centering under tensor parallelism: each rank keeps its own KV heads' K means, and the int4 cache
+    (per-head quantization) gives tp 1's greedy tokens."""
+    from lmkiln.quant.kv_stats import file_key, write_kv_stats
+
+    src = make_tiny_model(tmp_path / "c", "llama", initializer_range=0.3)  # 2 KV heads of dim 32
+    means = [3 * torch.randn(2, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    write_kv_stats(src, {file_key(i): m for i, m in enumerate(means)}, {})
+    prompts = PROMPTS[:3]
+    ref, _, _ = _generate(src, prompts=prompts, quant_policy=4)
+    with LLMEngine.from_pretrained(src, **_kw(tp=2, quant_policy=4)) as eng:
+        assert torch.equal(eng.runner.model.model.layers[1].self_attn.k_mean, means[1][:1])
+        assert eng.runner.kv_cache[1].k_offset.shape == (1, 32)
+        got = eng.generate(prompts, GREEDY)
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+
+
 @pytest.mark.slow
 def test_smollm2_tp3_matches_tp1(smollm2_dir, smollm2_tokenizer) -> None:
     """The real model: 9 heads / 3 KV heads split 3 ways (tp 2 cannot split 9 heads)."""

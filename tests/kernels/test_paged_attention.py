@@ -52,9 +52,11 @@ def test_write_kv_bit_identical_to_reference(bits, dtype, hk, d) -> None:
         if bits:
             c.k_sz.fill_(7)
             c.v_sz.fill_(7)
-    write_kv(k, v, got.k, got.v, slots, got.k_sz, got.v_sz, bits)
+    # a K offset (calibrated per-channel mean) is subtracted before quantizing: same codes as the reference
+    off = (torch.randn(hk, d, generator=g) * 2).contiguous() if bits else None
+    write_kv(k, v, got.k, got.v, slots, got.k_sz, got.v_sz, bits, off)
     keep = slots >= 0
-    write_kv_ref(k[keep], v[keep], want.k, want.v, slots[keep], want.k_sz, want.v_sz, bits)
+    write_kv_ref(k[keep], v[keep], want.k, want.v, slots[keep], want.k_sz, want.v_sz, bits, off)
     for a, b in zip(_copy(got), _copy(want), strict=True):
         if a is not None:
             assert torch.equal(a, b)
