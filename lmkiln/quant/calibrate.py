@@ -3,9 +3,7 @@
 Output (``act_stats.safetensors``): for decoder layer ``i`` and linear ``name`` (HF naming),
 ``model.layers.{i}.{name}.absmean`` and ``.absmax`` (fp32, one value per input channel), plus a JSON
 metadata header (model hash, dataset, samples, seqlen, seed, token count). AWQ reads its ``x_mean``
-from here. Also ``model.layers.{i}.self_attn.k_rope_mean``: the mean of the keys after RoPE per KV head and
-channel, which the AWQ step writes as ``kv_stats.safetensors`` for quantized KV caches
-(:mod:`lmkiln.quant.kv_stats`).
+from here.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ from tqdm import tqdm
 from lmkiln.artifact import save_safetensors_atomic
 from lmkiln.errors import ArtifactError
 from lmkiln.models.checkpoint import Checkpoint
-from lmkiln.quant.kv_stats import KMeanHook, calib_key
 from lmkiln.quant.walker import LayerWalker, pick_device
 
 log = logging.getLogger(__name__)
@@ -53,9 +50,6 @@ def collect_act_stats(ckpt: Checkpoint, tokens: torch.Tensor, device: str | None
         stats = {name: _Stats() for name in step.layer.named_linears()}
         handles = [lin.register_forward_pre_hook(stats[name].hook)
                    for name, lin in step.layer.named_linears().items()]
-        cfg = ckpt.config
-        k_mean = KMeanHook(cfg.num_kv_heads, cfg.head_dim, step.cos, step.sin)
-        handles.append(step.layer.self_attn.k_proj.register_forward_hook(k_mean.hook))
         step.x = walker.forward(step.layer, step.x)
         for h in handles:
             h.remove()
@@ -63,7 +57,6 @@ def collect_act_stats(ckpt: Checkpoint, tokens: torch.Tensor, device: str | None
             key = f"model.layers.{step.index}.{name}"
             out[f"{key}.absmean"] = (st.sum / st.count).float().cpu()
             out[f"{key}.absmax"] = st.max.cpu()
-        out[calib_key(step.index)] = k_mean.mean()
     return out
 
 

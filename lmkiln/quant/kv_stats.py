@@ -6,9 +6,9 @@ quantizing an int8 / int4 cache (see :mod:`lmkiln.engine.kv_cache`): attention i
 scores move by one constant) while the per-token ranges shrink, because K's channels carry large means.
 LMDeploy's ``lite calibrate`` kept offline KV parameters the same way (``kv_qparams``).
 
-The calibrate step measures it (``...self_attn.k_rope_mean`` in ``act_stats.safetensors``); the AWQ step
-writes the file beside the weights; ``pack`` copies it. A directory without the file serves an uncentered
-cache.
+The AWQ step measures it on the calibration windows through the *quantized* layers (the model that will be
+served) and writes the file beside the weights; ``pack`` copies it. A directory without the file (an RTN
+build, a plain HF checkpoint) serves an uncentered cache.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from lmkiln.errors import ArtifactError
 log = logging.getLogger(__name__)
 
 KV_STATS_FILE = "kv_stats.safetensors"
-CALIB_SUFFIX = "self_attn.k_rope_mean"  # key suffix in act_stats.safetensors
 FILE_SUFFIX = "self_attn.k_mean"  # key suffix in kv_stats.safetensors
 
 
@@ -57,22 +56,8 @@ class KMeanHook:
         return (self.sum / self.count).float().cpu()
 
 
-def calib_key(layer: int) -> str:
-    return f"model.layers.{layer}.{CALIB_SUFFIX}"
-
-
 def file_key(layer: int) -> str:
     return f"model.layers.{layer}.{FILE_SUFFIX}"
-
-
-def kv_stats_from_calib(stats: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor] | None:
-    """The ``kv_stats.safetensors`` tensors from calibration statistics (None: calibrated without them)."""
-    if calib_key(0) not in stats:
-        return None
-    missing = [i for i in range(num_layers) if calib_key(i) not in stats]
-    if missing:
-        raise ArtifactError(f"calibration statistics lack the K means of layers {missing}; re-run calibrate")
-    return {file_key(i): stats[calib_key(i)].float().contiguous() for i in range(num_layers)}
 
 
 def write_kv_stats(directory: str | Path, tensors: dict[str, torch.Tensor], header: dict) -> Path:

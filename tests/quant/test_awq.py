@@ -41,9 +41,8 @@ def test_calibration_stats(stats, tiny_llama_dir):
     tensors, header = load_act_stats(stats)
     assert header["samples"] == 6 and header["seqlen"] == 64 and header["tokens"] == 384
     assert header["model_hash"] == Checkpoint(tiny_llama_dir).source_hash()
-    # 2 layers x (7 linears x (absmean, absmax) + the mean of K after RoPE)
-    assert len(tensors) == 30
-    assert tensors["model.layers.1.self_attn.k_rope_mean"].shape == (2, 32)
+    # 2 layers x 7 linears x (absmean, absmax)
+    assert len(tensors) == 28
     mean, mx = tensors["model.layers.1.mlp.down_proj.absmean"], tensors["model.layers.1.mlp.down_proj.absmax"]
     assert mean.shape == (256,) and mean.dtype == torch.float32
     assert bool((mx >= mean).all()) and bool((mean > 0).all())
@@ -60,19 +59,44 @@ def test_stats_match_a_direct_computation(stats, tiny_llama_dir):
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)
 
 
-def test_k_mean_matches_a_direct_computation(stats, tiny_llama_dir):
-    """layer 0's K mean: k_proj(rmsnorm(embed(x))), rotated by RoPE at positions 0..63, averaged."""
+def _k_means(model: CausalLM, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, the mean of K after RoPE over ``tokens`` (positions 0..T-1), through ``model``."""
     from lmkiln.models.llama import apply_rotary
 
-    tensors, _ = load_act_stats(stats)
-    model = CausalLM.from_checkpoint(Checkpoint(tiny_llama_dir))
-    attn, cfg = model.model.layers[0].self_attn, model.config
+    cfg, out, hooks = model.config, [], []
+    n, t = tokens.shape
+    cos, sin = model.rotary(torch.arange(t)[None], torch.float32)
+
+    def hook(mod, args, k):
+        k = k.reshape(n, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        out.append(apply_rotary(k, cos, sin).mean(dim=(0, 2)))
+
+    hooks = [layer.self_attn.k_proj.register_forward_hook(hook) for layer in model.model.layers]
     with torch.no_grad():
-        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(_tokens()))
-        k = attn.k_proj(x).reshape(6, 64, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        cos, sin = model.rotary(torch.arange(64)[None], torch.float32)
-        expect = apply_rotary(k, cos, sin).mean(dim=(0, 2))
-    torch.testing.assert_close(tensors["model.layers.0.self_attn.k_rope_mean"], expect, rtol=1e-5, atol=1e-6)
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def test_kv_stats_are_the_served_models_k_means(tmp_path, tiny_llama_dir, stats):
+    """kv_stats.safetensors: K means of the *quantized* model (as served from the AWQ dir) on the calibration
+    windows; they differ from the fp model's. They travel on into the packed dir."""
+    from lmkiln.engine.loader import load_model
+    from lmkiln.quant.kv_stats import KV_STATS_FILE, load_kv_stats
+    from lmkiln.quant.pack import pack_checkpoint
+
+    cfg = AWQConfig(spec=SPEC, search_tokens=128, stat_tokens=256)
+    awq = awq_quantize(tiny_llama_dir, stats, _tokens(), tmp_path / "awq", cfg, device="cpu", progress=False)
+    means = load_kv_stats(awq, 2, 2, 32)
+    assert means is not None and KV_STATS_FILE in read_manifest(awq, kind="awq")["files"]
+    served = _k_means(load_model(awq, "cpu", "float32").model, _tokens())
+    fp = _k_means(CausalLM.from_checkpoint(Checkpoint(tiny_llama_dir)), _tokens())
+    for got, want, ref in zip(means, served, fp, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+        assert (got - ref).abs().max() > 10 * (got - want).abs().max()
+    packed = pack_checkpoint(awq, tmp_path / "packed")
+    assert KV_STATS_FILE in read_manifest(packed, kind="packed")["files"]
 
 
 def test_search_beats_rtn_on_salient_channels():
@@ -120,16 +144,6 @@ def test_awq_artifact_is_autoawq_gemm_and_deterministic(tmp_path, tiny_llama_dir
         "modules_to_not_convert": None}
     manifest = read_manifest(a, kind="awq")
     assert manifest["format"] == "awq-gemm" and "model.safetensors" in manifest["files"]
-    # the calibrated K means travel with the weights (and on into the packed dir)
-    from lmkiln.quant.kv_stats import KV_STATS_FILE, load_kv_stats
-    from lmkiln.quant.pack import pack_checkpoint
-
-    assert KV_STATS_FILE in manifest["files"]
-    means = load_kv_stats(a, 2, 2, 32)
-    assert means is not None
-    assert torch.equal(means[1], load_act_stats(stats)[0]["model.layers.1.self_attn.k_rope_mean"])
-    packed = pack_checkpoint(a, tmp_path / "packed")
-    assert KV_STATS_FILE in read_manifest(packed, kind="packed")["files"]
     from safetensors.torch import load_file
 
     t = load_file(str(a / "model.safetensors"))
