@@ -1,0 +1,156 @@
+"""Where a decode step's wall time goes: GPU work vs the host (scheduling, inputs, outputs).
+
+For each batch size, the engine decodes ``--steps`` steps of a full batch; every step's wall time is split
+into the GPU span (a CUDA event recorded before the forward is launched and one after the sampler's kernels
+are queued; their elapsed time covers the forward, the logits and sampling) and the rest, which the host
+spends between steps while the GPU idles (the engine syncs once a step for the sampled tokens). On the CPU
+the span is the forward + sampling wall time. Writes ``step_profile.json``::
+
+    python -m lmkiln.bench.step_profile synthetic --out results/bench/step_profile --batch-sizes 1 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class _Span:
+    """Marks the start of ``_hidden`` and the end of the sampler call of every step (CUDA events or wall)."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.marks: list[tuple[Any, Any]] = []
+        self._start: Any = None
+
+    def _now(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def wrap_start(self, fn: Callable) -> Callable:
+        def wrapped(*a: Any, **k: Any) -> Any:
+            self._start = self._now()
+            return fn(*a, **k)
+
+        return wrapped
+
+    def end(self) -> None:
+        self.marks.append((self._start, self._now()))
+
+    def spans_ms(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in self.marks]
+        return [(b - a) * 1e3 for a, b in self.marks]
+
+
+class _SamplerProxy:
+    """The runner's sampler, marking the end of the GPU span after each call queues its kernels."""
+
+    def __init__(self, inner: Any, span: _Span) -> None:
+        self.inner, self.span = inner, span
+
+    def __call__(self, *a: Any, **k: Any) -> Any:
+        out = self.inner(*a, **k)
+        self.span.end()
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def profile_batch(engine: Any, batch: int, prompt_len: int, steps: int, vocab: int) -> dict[str, Any]:
+    """Decode ``steps`` steps of ``batch`` sequences; per-step wall, GPU span and host gap (medians)."""
+    from lmkiln.bench.engine import _prompts
+    from lmkiln.engine import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    for p in _prompts(batch, prompt_len, vocab, batch):
+        engine.add_request(p, params)
+    sched = engine.scheduler
+    while len(sched.running) < batch or any(s.is_prefill for s in sched.running):  # prefill everything
+        engine.step()
+    for _ in range(3):  # warm decode steps
+        engine.step()
+    runner = engine.runner
+    span = _Span(runner.device.type == "cuda")
+    hidden, sampler = runner._hidden, runner.sampler
+    runner._hidden = span.wrap_start(hidden)
+    runner.sampler = _SamplerProxy(sampler, span)
+    walls = []
+    try:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            engine.step()
+            walls.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        del runner._hidden  # back to the method
+        runner.sampler = sampler
+    while engine.has_unfinished_requests():
+        engine.step()
+    gpu = span.spans_ms()
+    wall_ms, gpu_ms = statistics.median(walls), statistics.median(gpu)
+    return {"batch": batch, "steps": steps, "wall_ms": wall_ms, "gpu_span_ms": gpu_ms,
+            "host_gap_ms": wall_ms - gpu_ms, "gpu_busy_frac": gpu_ms / wall_ms}
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    from lmkiln.artifact import write_json_atomic
+    from lmkiln.bench.engine import SYNTHETIC, _engine, build_synthetic
+    from lmkiln.bench.quantize import device_name
+    from lmkiln.engine.loader import load_model, resolve_device
+
+    device = resolve_device(a.device)
+    model = a.model
+    if str(model) == SYNTHETIC:
+        hf_dir, packed = build_synthetic(a.workdir)
+        model = packed if a.weights == "int4" else hf_dir
+    loaded = load_model(model, device, "bfloat16" if device.type == "cuda" else "float32")
+    session_len = a.prompt_len + a.steps + 16
+    report: dict[str, Any] = {"benchmark": "step_profile", "device": device_name(), "model": str(model),
+                              "torch": torch.__version__, "rows": []}
+    for b in a.batch_sizes:
+        eng = _engine(model, loaded, str(device), b, session_len, a.quant_policy)
+        row = profile_batch(eng, b, a.prompt_len, a.steps, loaded.config.vocab_size)
+        log.info("batch %4d: step %.3f ms = GPU span %.3f ms + host gap %.3f ms (GPU busy %.0f %%)",
+                 b, row["wall_ms"], row["gpu_span_ms"], row["host_gap_ms"], 100 * row["gpu_busy_frac"])
+        report["rows"].append(row)
+        del eng
+    a.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(a.out / "step_profile.json", report)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    doc = (__doc__ or "").split("\n\n")[0]
+    p = argparse.ArgumentParser(prog="python -m lmkiln.bench.step_profile", description=doc)
+    p.add_argument("model", type=Path, metavar="MODEL_DIR_OR_synthetic")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/lmkiln-bench-engine"))
+    p.add_argument("--weights", choices=("int4", "bf16"), default="bf16", help="which synthetic model")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--quant-policy", type=int, choices=(0, 4, 8), default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""The decode-step profile on the CPU: every step's wall time splits into the forward+sampling span and the
+host gap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmkiln.bench.step_profile import main
+
+
+def test_step_profile_cpu_tiny(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    out = tmp_path / "sp"
+    assert main([str(tiny_llama_dir), "--out", str(out), "--device", "cpu", "--batch-sizes", "1", "3",
+                 "--prompt-len", "8", "--steps", "5"]) == 0
+    rows = json.loads((out / "step_profile.json").read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["steps"] == 5 and 0 < r["gpu_span_ms"] <= r["wall_ms"]
+        assert abs(r["wall_ms"] - r["gpu_span_ms"] - r["host_gap_ms"]) < 1e-9 and 0 < r["gpu_busy_frac"] <= 1
