@@ -316,10 +316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="time the decode kernel over launch configs instead (attention_sweep.json)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.sweep:
-        sweep(args.out, args.batch, args.ctx, args.bits, args.block_size, args.rep_ms)
-        return 0
     try:
+        if args.sweep:
+            sweep(args.out, args.batch, args.ctx, args.bits, args.block_size, args.rep_ms)
+            return 0
         report = run(
             args.out,
             args.batch,

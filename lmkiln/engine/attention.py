@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,9 +51,11 @@ class AttentionMetadata:
 
 
 class _Backend:
-    """``forward``: the int4 cache's rotation (see :mod:`lmkiln.engine.kv_cache`) around ``_attend``."""
+    """``forward``: the int4 cache's rotation (see :mod:`lmkiln.engine.kv_cache`) around writing the new K/V
+    (``_write_kv``, with the cache's K offset) and ``_attend``."""
 
     name = ""
+    _write_kv: Callable[..., None]
 
     def forward(
         self,
@@ -64,20 +67,17 @@ class _Backend:
         scale: float,
     ) -> torch.Tensor:
         rot = cache.rotation
-        if rot is None:
-            return self._attend(q, k, v, cache, meta, scale)
-        rot = rot.to(q.dtype)
-        out = self._attend(q @ rot, k @ rot, v @ rot, cache, meta, scale)
-        return out @ rot.T
+        if rot is not None:
+            rot = rot.to(q.dtype)
+            q, k, v = q @ rot, k @ rot, v @ rot
+        self._write_kv(
+            k, v, cache.k, cache.v, meta.slot_mapping, cache.k_sz, cache.v_sz, cache.bits, cache.k_offset
+        )
+        out = self._attend(q, cache, meta, scale)
+        return out if rot is None else out @ rot.T
 
     def _attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cache: LayerKVCache,
-        meta: AttentionMetadata,
-        scale: float,
+        self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
         raise NotImplementedError
 
@@ -87,21 +87,16 @@ class TorchAttentionBackend(_Backend):
 
     name = "torch"
 
-    def _attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cache: LayerKVCache,
-        meta: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
+    def __init__(self) -> None:
         from lmkiln.kernels.attention_ref import paged_attention_ref, write_kv_ref
 
-        write_kv_ref(
-            k, v, cache.k, cache.v, meta.slot_mapping, cache.k_sz, cache.v_sz, cache.bits, cache.k_offset
-        )
-        return paged_attention_ref(
+        self._write_kv = write_kv_ref
+        self._ref = paged_attention_ref
+
+    def _attend(
+        self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        return self._ref(
             q,
             cache.k,
             cache.v,
@@ -129,17 +124,8 @@ class TritonAttentionBackend(_Backend):
         self._prefill = paged_attention.paged_prefill
 
     def _attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cache: LayerKVCache,
-        meta: AttentionMetadata,
-        scale: float,
+        self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
-        self._write_kv(
-            k, v, cache.k, cache.v, meta.slot_mapping, cache.k_sz, cache.v_sz, cache.bits, cache.k_offset
-        )
         if meta.is_decode_only and q.shape[0] == meta.num_seqs:
             return self._decode(
                 q,
