@@ -370,7 +370,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         hf_dir, packed = build_synthetic(a.workdir)
         t_build = time.perf_counter() - t0
-        variants = [("ours-int4", packed, "bfloat16"), ("ours-bf16", hf_dir, "bfloat16")]
+        variants = [("ours-int4", packed, a.int4_dtype), ("ours-bf16", hf_dir, "bfloat16")]
         hf_fp: Path | None = hf_dir
     else:
         kind = artifact_kind(a.model)
@@ -455,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="directory for engine.json and engine.png")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="dtype of a given MODEL_DIR (auto: fp16/bf16 on GPU)")
+    p.add_argument("--int4-dtype", default="float16", choices=("float16", "bfloat16"),
+                   help="activation dtype of the synthetic int4 model (fp16: the AWQ convention, and the "
+                        "dtype of the packed-fp16 CUDA-core kernel for small batches)")
     p.add_argument("--hf-model", type=Path, default=None,
                    help="fp HF dir of the same model: HF baseline (and ours-fp) for an AWQ/packed MODEL_DIR")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/lmkiln-bench-engine"),

@@ -72,12 +72,40 @@ class _SamplerProxy:
         return getattr(self.inner, name)
 
 
-def profile_batch(engine: Any, batch: int, prompt_len: int, steps: int, vocab: int) -> dict[str, Any]:
-    """Decode ``steps`` steps of ``batch`` sequences; per-step wall, GPU span and host gap (medians)."""
+def kernel_table(engine: Any, steps: int) -> list[dict[str, Any]]:
+    """GPU time per decode step by kernel name over ``steps`` steps (torch.profiler / CUPTI; CUDA graph
+    replays report their kernels one by one), largest first."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    # one warm-up step first: the profiler misses part of the first step it sees
+    plan = schedule(wait=0, warmup=1, active=steps)
+    with profile(activities=[ProfilerActivity.CUDA], schedule=plan) as prof:
+        for _ in range(steps + 1):
+            engine.step()
+            torch.cuda.synchronize()
+            prof.step()
+    rows: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            r = rows.setdefault(ev.name, [0, 0.0])
+            r[0] += 1
+            r[1] += ev.device_time
+    table = [
+        {"kernel": k, "calls_per_step": n / steps, "us_per_step": t / steps} for k, (n, t) in rows.items()
+    ]
+    return sorted(table, key=lambda r: -r["us_per_step"])
+
+
+def profile_batch(
+    engine: Any, batch: int, prompt_len: int, steps: int, vocab: int, trace: bool = False
+) -> dict[str, Any]:
+    """Decode ``steps`` steps of ``batch`` sequences; per-step wall, GPU span and host gap (medians);
+    ``trace``: also the GPU time per kernel name (:func:`kernel_table`)."""
     from lmkiln.bench.engine import _prompts
     from lmkiln.engine import SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    traced = 5 if trace and engine.runner.device.type == "cuda" else 0
+    params = SamplingParams(temperature=0, max_tokens=steps + traced + 8, ignore_eos=True)
     for p in _prompts(batch, prompt_len, vocab, batch):
         engine.add_request(p, params)
     sched = engine.scheduler
@@ -85,6 +113,7 @@ def profile_batch(engine: Any, batch: int, prompt_len: int, steps: int, vocab: i
         engine.step()
     for _ in range(3):  # warm decode steps
         engine.step()
+    kernels = kernel_table(engine, traced - 1) if traced else None  # full-batch decode steps
     runner = engine.runner
     span = _Span(runner.device.type == "cuda")
     hidden, sampler = runner._hidden, runner.sampler
@@ -103,8 +132,17 @@ def profile_batch(engine: Any, batch: int, prompt_len: int, steps: int, vocab: i
         engine.step()
     gpu = span.spans_ms()
     wall_ms, gpu_ms = statistics.median(walls), statistics.median(gpu)
-    return {"batch": batch, "steps": steps, "wall_ms": wall_ms, "gpu_span_ms": gpu_ms,
-            "host_gap_ms": wall_ms - gpu_ms, "gpu_busy_frac": gpu_ms / wall_ms}
+    row = {
+        "batch": batch,
+        "steps": steps,
+        "wall_ms": wall_ms,
+        "gpu_span_ms": gpu_ms,
+        "host_gap_ms": wall_ms - gpu_ms,
+        "gpu_busy_frac": gpu_ms / wall_ms,
+    }
+    if kernels is not None:
+        row["kernels"] = kernels
+    return row
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
@@ -118,15 +156,28 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     if str(model) == SYNTHETIC:
         hf_dir, packed = build_synthetic(a.workdir)
         model = packed if a.weights == "int4" else hf_dir
-    loaded = load_model(model, device, "bfloat16" if device.type == "cuda" else "float32")
+    dtype = a.dtype if device.type == "cuda" else "float32"
+    loaded = load_model(model, device, dtype)
     session_len = a.prompt_len + a.steps + 16
-    report: dict[str, Any] = {"benchmark": "step_profile", "device": device_name(), "model": str(model),
-                              "torch": torch.__version__, "rows": []}
+    report: dict[str, Any] = {
+        "benchmark": "step_profile",
+        "device": device_name(),
+        "model": str(model),
+        "dtype": dtype,
+        "torch": torch.__version__,
+        "rows": [],
+    }
     for b in a.batch_sizes:
         eng = _engine(model, loaded, str(device), b, session_len, a.quant_policy)
-        row = profile_batch(eng, b, a.prompt_len, a.steps, loaded.config.vocab_size)
-        log.info("batch %4d: step %.3f ms = GPU span %.3f ms + host gap %.3f ms (GPU busy %.0f %%)",
-                 b, row["wall_ms"], row["gpu_span_ms"], row["host_gap_ms"], 100 * row["gpu_busy_frac"])
+        row = profile_batch(eng, b, a.prompt_len, a.steps, loaded.config.vocab_size, a.trace)
+        log.info(
+            "batch %4d: step %.3f ms = GPU span %.3f ms + host gap %.3f ms (GPU busy %.0f %%)",
+            b,
+            row["wall_ms"],
+            row["gpu_span_ms"],
+            row["host_gap_ms"],
+            100 * row["gpu_busy_frac"],
+        )
         report["rows"].append(row)
         del eng
     a.out.mkdir(parents=True, exist_ok=True)
@@ -146,6 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--quant-policy", type=int, choices=(0, 4, 8), default=0)
+    p.add_argument(
+        "--dtype", choices=("bfloat16", "float16"), default="bfloat16", help="activation dtype (GPU)"
+    )
+    p.add_argument("--trace", action="store_true", help="also GPU time per kernel (torch.profiler)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     run(args)

@@ -1,0 +1,172 @@
+"""``python -m lmkiln.bench.linear_chain``: the 7B decoder's linears as one forward, one CUDA graph.
+
+``lmkiln bench kernels`` times each GEMM alone (one graph replay per call), which charges every kernel a
+graph launch of its own. A decode step runs the 128 GEMMs of the 32 layers back to back inside one graph.
+This benchmark times that: 32 layers x (qkv, o, gate_up, down), each with its own random int4 weights
+(3.4 GB, far beyond L2), in layer order, in one graph, with ``triton.testing.do_bench``; our kernels (the
+dispatcher's choice, what the engine runs) beside fp16 cuBLAS (``F.linear``) and torch's tinygemm (bf16) on
+the same shapes, in the same process. The HBM floor is our bytes over the copy bandwidth measured in the
+run. Results go to ``linear_chain.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmkiln.artifact import write_json_atomic
+from lmkiln.bench.kernels import (
+    LLAMA2_7B_LAYERS,
+    LLAMA2_7B_SHAPES,
+    copy_bandwidth_gbps,
+    make_weights,
+    our_bytes,
+    tinygemm_pack,
+)
+from lmkiln.errors import LmkilnError, QuantConfigError
+
+log = logging.getLogger(__name__)
+
+ORDER = ("qkv", "o", "gate_up", "down")
+COLUMNS = ("ours", "fp16", "tinygemm", "floor_ms")
+
+
+def _graph_ms(fn: Callable[[], Any], rep_ms: int) -> float:
+    """Median ms of one replay of a graph holding ``fn`` (warmed up eagerly first, on a side stream)."""
+    from triton.testing import do_bench
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return float(do_bench(graph.replay, warmup=max(5, rep_ms // 4), rep=rep_ms, return_mode="median"))
+
+
+def run(
+    out_dir: Path,
+    ms: Sequence[int],
+    layers: int = LLAMA2_7B_LAYERS,
+    group_size: int = 128,
+    rep_ms: int = 200,
+    baselines: bool = True,
+) -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        raise QuantConfigError("bench linear_chain needs a CUDA GPU (none is visible)")
+    from lmkiln.kernels import dispatch
+    from lmkiln.kernels.w4a16 import make_scratch
+
+    dev = torch.device("cuda")
+    bw = copy_bandwidth_gbps(dev)
+    weights = [
+        [
+            make_weights(*LLAMA2_7B_SHAPES[name], group_size, dev, seed=1000 * layer + j)
+            for j, name in enumerate(ORDER)
+        ]
+        for layer in range(layers)
+    ]
+    scratch = make_scratch(dev)
+    rows: list[dict[str, Any]] = []
+    for m in ms:
+        xs = {
+            name: torch.randn(m, LLAMA2_7B_SHAPES[name][0], device=dev, dtype=torch.float16) for name in ORDER
+        }
+        floor_ms = (
+            sum(our_bytes(m, *LLAMA2_7B_SHAPES[name], group_size) for name in ORDER) * layers / bw / 1e6
+        )
+        row: dict[str, Any] = {"m": m, "floor_ms": floor_ms}
+        cfgs = {
+            name: dispatch.choose_config(m, *reversed(LLAMA2_7B_SHAPES[name]), group_size, torch.float16, dev)
+            for name in ORDER
+        }
+
+        def ours(xs: dict = xs, cfgs: dict = cfgs) -> None:
+            for layer in weights:
+                for name, w in zip(ORDER, layer, strict=True):
+                    dispatch.w4a16_matmul(xs[name], w.qweight, w.sz, w.zeros, scratch, cfgs[name])
+
+        row["ours"] = _graph_ms(ours, rep_ms)
+        row["kinds"] = {name: c.kind for name, c in cfgs.items()}
+        if baselines:
+            import torch.nn.functional as F
+
+            w16 = [[w.dequant(torch.float16).t().contiguous() for w in layer] for layer in weights]
+
+            def fp16(w16: list = w16, xs: dict = xs) -> None:
+                for layer in w16:
+                    for name, w in zip(ORDER, layer, strict=True):
+                        F.linear(xs[name], w)
+
+            row["fp16"] = _graph_ms(fp16, rep_ms)
+            del w16
+            tg = [[tinygemm_pack(w)[:2] for w in layer] for layer in weights]
+            xb = {name: x.to(torch.bfloat16) for name, x in xs.items()}
+
+            def tinygemm(tg: list = tg, xb: dict = xb) -> None:
+                for layer in tg:
+                    for name, (q, sz) in zip(ORDER, layer, strict=True):
+                        torch._weight_int4pack_mm(xb[name], q, group_size, sz)
+
+            row["tinygemm"] = _graph_ms(tinygemm, rep_ms)
+            del tg
+            torch.cuda.empty_cache()
+        log.info("M=%d: %s", m, {k: round(v, 3) for k, v in row.items() if isinstance(v, float)})
+        rows.append(row)
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "copy_bandwidth_gbps": bw,
+        "layers": layers,
+        "group_size": group_size,
+        "rows": rows,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "linear_chain.json", report)
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    cols = list(COLUMNS)
+    lines = [
+        f"{report['device']}: {report['layers']} layers x {ORDER}, one graph, ms per forward",
+        "| M | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
+    for row in report["rows"]:
+        cells = [f"{row[c]:.3f}" if c in row else "-" for c in cols]
+        lines.append(f"| {row['m']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m lmkiln.bench.linear_chain", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--out", type=Path, default=Path("results/bench/linear_chain"))
+    p.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--layers", type=int, default=LLAMA2_7B_LAYERS)
+    p.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128))
+    p.add_argument("--rep-ms", type=int, default=200)
+    p.add_argument("--no-baselines", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = run(args.out, args.m, args.layers, args.group_size, args.rep_ms, not args.no_baselines)
+    except LmkilnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
