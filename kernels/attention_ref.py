@@ -7,11 +7,18 @@ Cache layout (one layer)::
                        [num_blocks, block_size, num_kv_heads, head_dim]       uint8 (quant_policy 8)
                        [num_blocks, block_size, num_kv_heads, head_dim // 2]  uint8, 2 codes a byte (policy 4)
     k_sz, v_sz         [num_blocks, block_size, num_kv_heads, 2]              fp16 (scale, zero), if quantized
+    sink               [entries, 2, num_kv_heads, head_dim]                   model dtype, K then V (optional)
 
 Token ``t`` of a sequence lives in slot ``block_table[t // block_size] * block_size + t % block_size``.
 Quantization is asymmetric per token and per head: ``x ≈ q * scale + zero`` with ``q`` in
 ``[0, 2**bits - 1]``; int4 codes pack two per byte, element ``2i`` in the low nibble and ``2i + 1`` in
 the high one.
+
+Attention sinks (quantized caches only): ``sink[e]`` holds the exact K (after the K offset, in the cache's
+basis) and V of position 0 of the sequences whose first token is entry ``e``'s. A write stores token ``i``'s
+K/V in ``sink[sink_slot[i]]`` when ``sink_slot[i] >= 0`` (besides its quantized slot), and attention reads key
+position 0 of sequence ``b`` from ``sink[sink_idx[b]]`` instead of the dequantized row when
+``sink_idx[b] >= 0``: position 0 then carries no quantization error.
 
 Batches are described as in varlen attention: the queries of sequence ``b`` are rows
 ``query_start_loc[b] : query_start_loc[b + 1]`` of ``q``, the last of its ``seq_lens[b]`` cached tokens.
@@ -85,17 +92,28 @@ def write_kv_ref(
     v_sz: torch.Tensor | None = None,
     bits: int = 0,
     k_offset: torch.Tensor | None = None,
+    sink: torch.Tensor | None = None,
+    sink_slot: torch.Tensor | None = None,
 ) -> None:
     """Store ``k, v [T, Hk, D]`` in the slots ``slot_mapping [T]`` (quantized when ``bits`` is 4 or 8).
 
     ``k_offset [Hk, D]`` (float32, quantized caches only) is subtracted from K before it is quantized: a
     constant shift of every key changes each query's scores by the same amount, so attention is unchanged,
-    and a calibrated per-channel mean of K makes the per-token ranges far smaller."""
+    and a calibrated per-channel mean of K makes the per-token ranges far smaller. ``sink [E, 2, Hk, D]``
+    with ``sink_slot [T]`` (quantized caches only): tokens with ``sink_slot >= 0`` also store their exact K
+    (offset subtracted, as quantized) and V in ``sink[sink_slot]``, in ``sink.dtype``."""
     slots = slot_mapping.long()
     if k_offset is not None:
         if not bits:
             raise ValueError("a K offset only applies to a quantized (int8 / int4) cache")
         k = k.float() - k_offset
+    if sink is not None and sink_slot is not None:
+        if not bits:
+            raise ValueError("attention sinks only apply to a quantized (int8 / int4) cache")
+        rows = (sink_slot >= 0).nonzero().flatten()
+        idx = sink_slot[rows].long()
+        sink[idx, 0] = k[rows].to(sink.dtype)
+        sink[idx, 1] = v[rows].to(sink.dtype)
     for x, cache, sz in ((k, k_cache, k_sz), (v, v_cache, v_sz)):
         flat = cache.view(-1, *cache.shape[2:])
         if bits:
@@ -115,8 +133,13 @@ def gather_kv_ref(
     sz: torch.Tensor | None = None,
     bits: int = 0,
     dtype: torch.dtype = torch.float32,
+    sink: torch.Tensor | None = None,
+    sink_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The first ``num_tokens`` cached tokens of each sequence: ``[B, num_tokens, Hk, D]`` in ``dtype``."""
+    """The first ``num_tokens`` cached tokens of each sequence: ``[B, num_tokens, Hk, D]`` in ``dtype``.
+
+    ``sink [E, Hk, D]`` (K or V part of a layer's sinks) with ``sink_idx [B]``: position 0 of sequence ``b``
+    is ``sink[sink_idx[b]]`` where ``sink_idx[b] >= 0``."""
     bs = cache.shape[1]
     nblk = -(-num_tokens // bs)
     table = block_tables[:, :nblk].long().clamp(min=0)  # padding entries (-1) read block 0, masked later
@@ -124,8 +147,13 @@ def gather_kv_ref(
     x = cache[table].reshape(b, nblk * bs, *cache.shape[2:])[:, :num_tokens]
     if bits:
         s = sz[table].reshape(b, nblk * bs, *sz.shape[2:])[:, :num_tokens]  # type: ignore[index]
-        return dequantize_kv_ref(x, s, bits, dtype)
-    return x.to(dtype)
+        x = dequantize_kv_ref(x, s, bits, dtype)
+    else:
+        x = x.to(dtype)
+    if sink is not None and sink_idx is not None and num_tokens > 0:
+        has = (sink_idx >= 0).to(x.device)[:, None, None]
+        x[:, 0] = torch.where(has, sink[sink_idx.long().clamp(min=0)].to(dtype), x[:, 0])
+    return x
 
 
 def paged_attention_ref(
@@ -139,11 +167,14 @@ def paged_attention_ref(
     k_sz: torch.Tensor | None = None,
     v_sz: torch.Tensor | None = None,
     bits: int = 0,
+    sink: torch.Tensor | None = None,
+    sink_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of ``q [T, Hq, D]`` over each sequence's cached K/V (already written): ``[T, Hq, D]``.
 
     Query row ``i`` of sequence ``b`` sits at position ``seq_lens[b] - q_len[b] + i`` and sees every cached
-    token up to that position. Computed in float32, returned in ``q.dtype``.
+    token up to that position. With ``sink [E, 2, Hk, D]`` and ``sink_idx [B]``, key position 0 of sequence
+    ``b`` is read from ``sink[sink_idx[b]]`` where that is >= 0. Computed in float32, returned in ``q.dtype``.
     """
     device = q.device
     qsl = query_start_loc.to(device=device, dtype=torch.long)
@@ -156,8 +187,9 @@ def paged_attention_ref(
 
     q_pad = q.new_zeros((nseq, max_q, *q.shape[1:]), dtype=torch.float32)
     q_pad[batch_idx, row_idx] = q.float()
-    k = gather_kv_ref(k_cache, block_tables, max_s, k_sz, bits)
-    v = gather_kv_ref(v_cache, block_tables, max_s, v_sz, bits)
+    sk, sv = (None, None) if sink is None else (sink[:, 0], sink[:, 1])
+    k = gather_kv_ref(k_cache, block_tables, max_s, k_sz, bits, sink=sk, sink_idx=sink_idx)
+    v = gather_kv_ref(v_cache, block_tables, max_s, v_sz, bits, sink=sv, sink_idx=sink_idx)
     last = (lens - q_lens)[:, None] + torch.arange(max_q, device=device)[None, :]  # [B, max_q] positions
     mask = torch.arange(max_s, device=device)[None, None, :] <= last[..., None]  # [B, max_q, max_s]
     out = F.scaled_dot_product_attention(

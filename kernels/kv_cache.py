@@ -5,7 +5,9 @@ The cache layouts and the quantization math are those of :mod:`lmkiln.kernels.at
 zero)`` rounded to fp16 first and the codes computed with the rounded values (IEEE division, round half to
 even), so the kernel's codes are bit-identical to the reference's. int4 codes pack two per byte, element
 ``2i`` in the low nibble. Slots < 0 (padding rows of a CUDA-graph batch) and slots past the cache are
-skipped. One program writes K and V of ``BLOCK_H`` heads of one token.
+skipped. One program writes K and V of ``BLOCK_H`` heads of one token. Quantized caches may also keep
+attention sinks: a token with ``sink_slot >= 0`` stores its exact K (offset subtracted) and V in that entry of
+``sink [E, 2, Hk, D]`` too (natural element order, the sink's dtype).
 """
 
 from __future__ import annotations
@@ -115,12 +117,17 @@ def _write_one(
     Hk,
     D,
     off_ptr,
+    sink_ptr,
+    srow,
+    sok,
     BITS: tl.constexpr,
     HAS_OFF: tl.constexpr,
+    HAS_SINK: tl.constexpr,
     INTERP: tl.constexpr,
 ):
     """Write the heads ``offs_h`` of token ``tok`` of ``x`` into cache row ``slot`` (masked by ``ok``); with
-    ``HAS_OFF``, ``x - offset[head]`` (``offset [Hk, D]`` float32)."""
+    ``HAS_OFF``, ``x - offset[head]`` (``offset [Hk, D]`` float32). With ``HAS_SINK``, the same (unquantized)
+    values also go to the sink rows ``srow [BLOCK_H]`` (``D`` elements each) where ``sok``."""
     hmask = (offs_h < Hk) & ok
     row = slot * Hk + offs_h  # int64 (slot, head) row index; slot and ok are [BLOCK_H] vectors
     src = x_ptr + tok * stride_t + offs_h[:, None] * stride_h
@@ -134,6 +141,11 @@ def _write_one(
             off = off_ptr + offs_h[:, None] * D + 2 * offs_d[None, :]
             xe -= tl.load(off, mask=m, other=0.0)
             xo -= tl.load(off + 1, mask=m, other=0.0)
+        if HAS_SINK:
+            sm = m & sok[:, None]
+            dst = sink_ptr + srow[:, None] * D + 2 * offs_d[None, :]
+            tl.store(dst, xe.to(sink_ptr.dtype.element_ty), mask=sm)
+            tl.store(dst + 1, xo.to(sink_ptr.dtype.element_ty), mask=sm)
         BH: tl.constexpr = offs_h.shape[0]
         BD: tl.constexpr = offs_d.shape[0]
         x = tl.reshape(tl.join(xe, xo), (BH, 2 * BD))  # both halves share the head's range
@@ -149,6 +161,9 @@ def _write_one(
             x = x.to(tl.float32)
             if HAS_OFF:
                 x -= tl.load(off_ptr + offs_h[:, None] * D + offs_d[None, :], mask=m, other=0.0)
+            if HAS_SINK:
+                dst = sink_ptr + srow[:, None] * D + offs_d[None, :]
+                tl.store(dst, x.to(sink_ptr.dtype.element_ty), mask=m & sok[:, None])
             q, scale, zero = _quantize(x, m, 255, INTERP)
             tl.store(cache_ptr + row[:, None] * D + offs_d[None, :], q.to(tl.uint8), mask=m)
         else:
@@ -168,7 +183,10 @@ def _write_kv_kernel(
     vsz_ptr,
     slot_ptr,
     koff_ptr,
+    sink_ptr,
+    sslot_ptr,
     num_slots,
+    num_sinks,
     stride_kt,
     stride_kh,
     stride_vt,
@@ -177,6 +195,7 @@ def _write_kv_kernel(
     D,
     BITS: tl.constexpr,
     HAS_OFF: tl.constexpr,
+    HAS_SINK: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INTERP: tl.constexpr,
@@ -187,13 +206,20 @@ def _write_kv_kernel(
     # the slot as a [BLOCK_H] vector: the interpreter mis-types (scalar bool & bool tensor)
     slot = tl.load(slot_ptr + tok + 0 * offs_h).to(tl.int64)
     ok = (slot >= 0) & (slot < num_slots)
+    if HAS_SINK:  # sink entry e: K rows (2e) * Hk + h, V rows (2e + 1) * Hk + h
+        ss = tl.load(sslot_ptr + tok + 0 * offs_h).to(tl.int64)
+        sok = (ss >= 0) & (ss < num_sinks)
+        ks_row = 2 * ss * Hk + offs_h
+    else:
+        sok = ok
+        ks_row = slot
     _write_one(
-        k_ptr, kc_ptr, ksz_ptr, tok, stride_kt, stride_kh, slot, ok, offs_h, offs_d, Hk, D, koff_ptr, BITS,
-        HAS_OFF, INTERP,
+        k_ptr, kc_ptr, ksz_ptr, tok, stride_kt, stride_kh, slot, ok, offs_h, offs_d, Hk, D, koff_ptr,
+        sink_ptr, ks_row, sok, BITS, HAS_OFF, HAS_SINK, INTERP,
     )
     _write_one(
-        v_ptr, vc_ptr, vsz_ptr, tok, stride_vt, stride_vh, slot, ok, offs_h, offs_d, Hk, D, koff_ptr, BITS,
-        False, INTERP,
+        v_ptr, vc_ptr, vsz_ptr, tok, stride_vt, stride_vh, slot, ok, offs_h, offs_d, Hk, D, koff_ptr,
+        sink_ptr, ks_row + Hk, sok, BITS, False, HAS_SINK, INTERP,
     )
 
 
@@ -248,6 +274,25 @@ def check_offset(
         raise KernelInputError(f"k_offset is on {offset.device} but k on {device}")
 
 
+def check_sink(
+    sink: torch.Tensor | None, bits: int, num_kv_heads: int, head_dim: int, device: torch.device
+) -> None:
+    """Validate a layer's attention sinks ``[entries, 2, num_kv_heads, head_dim]`` (quantized caches only)."""
+    if sink is None:
+        return
+    if not bits:
+        raise KernelInputError("attention sinks only apply to a quantized (int8 / int4) cache; pass None")
+    if sink.dim() != 4 or sink.shape[1:] != (2, num_kv_heads, head_dim) or not sink.is_contiguous():
+        raise KernelInputError(
+            f"sink must be a contiguous [entries, 2, {num_kv_heads}, {head_dim}] tensor (K then V), got "
+            f"shape {list(sink.shape)} strides {sink.stride()}"
+        )
+    if sink.dtype not in KV_DTYPES:
+        raise KernelInputError(f"sink must be fp16, bf16 or fp32, got {sink.dtype}")
+    if sink.device != device:
+        raise KernelInputError(f"sink is on {sink.device} but k on {device}")
+
+
 def _check_tokens(x: torch.Tensor, name: str) -> None:
     if x.dim() != 3 or x.stride(2) != 1:
         raise KernelInputError(
@@ -268,11 +313,15 @@ def write_kv(
     v_sz: torch.Tensor | None = None,
     bits: int = 0,
     k_offset: torch.Tensor | None = None,
+    sink: torch.Tensor | None = None,
+    sink_slot: torch.Tensor | None = None,
 ) -> None:
     """Store ``k, v [T, Hk, D]`` in the slots ``slot_mapping [T]`` (quantized when ``bits`` is 4 or 8).
 
     Same contract as ``write_kv_ref`` (``k_offset``: a float32 ``[Hk, D]`` subtracted from K before it is
-    quantized), plus: slots < 0 are skipped. No host synchronisation (CUDA-graph capturable)."""
+    quantized; ``sink [E, 2, Hk, D]`` with ``sink_slot [T]``: exact copies of the tokens whose sink slot is
+    >= 0), plus: slots < 0 are skipped, and so are sink slots < 0 or >= E. No host synchronisation (CUDA-graph
+    capturable)."""
     _check_tokens(k, "k")
     _check_tokens(v, "v")
     if k.shape != v.shape:
@@ -293,6 +342,17 @@ def write_kv(
     if len(devices) != 1:
         raise KernelInputError(f"write_kv tensors must share one device, got {sorted(map(str, devices))}")
     check_offset(k_offset, bits, hk, d, k.device)
+    if sink is not None and sink_slot is not None:
+        check_sink(sink, bits, hk, d, k.device)
+        if sink_slot.shape != (t,) or sink_slot.dtype not in (torch.int32, torch.int64):
+            raise KernelInputError(
+                f"sink_slot must be int32/int64 [{t}] (one entry per token, -1 for none), got "
+                f"{sink_slot.dtype} {list(sink_slot.shape)}"
+            )
+        if sink_slot.device != k.device:
+            raise KernelInputError(f"sink_slot is on {sink_slot.device} but k on {k.device}")
+    else:
+        sink = sink_slot = None
     if t == 0:
         return
     block_d = triton.next_power_of_2(d // 2 if bits == 4 else d)
@@ -307,7 +367,10 @@ def write_kv(
         v_sz if bits else dummy,
         slot_mapping,
         k_offset if k_offset is not None else dummy,
+        sink if sink is not None else dummy,
+        sink_slot if sink_slot is not None else slot_mapping,
         k_cache.shape[0] * k_cache.shape[1],
+        sink.shape[0] if sink is not None else 0,
         k.stride(0),
         k.stride(1),
         v.stride(0),
@@ -316,6 +379,7 @@ def write_kv(
         d,
         BITS=bits,
         HAS_OFF=k_offset is not None,
+        HAS_SINK=sink is not None,
         BLOCK_H=block_h,
         BLOCK_D=block_d,
         INTERP=interpreting(),

@@ -19,6 +19,10 @@ up in the block table; online softmax in base 2, float32 accumulators.
   Grid, split count and loop bounds depend only on tensor shapes and ``seq_lens`` is read on the device, so
   a launch replays in a CUDA graph. A padded batch row (``seq_len`` 0, block table -1) writes zeros.
 * prefill / mixed: grid ``(B, Hk, cdiv(max_query_len, BLOCK_M // G))``, no split.
+
+Attention sinks (quantized caches): with ``sink_idx[b] >= 0``, key position 0 of sequence ``b`` is read from
+``sink[sink_idx[b]]`` (exact K and V, natural element order) instead of its dequantized row. The rows are
+loaded once per program and substituted only in the key tile that starts at 0.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from lmkiln.kernels.kv_cache import check_cache, interpreting
+from lmkiln.kernels.kv_cache import check_cache, check_sink, interpreting
 
 from lmkiln.errors import KernelInputError
 
@@ -101,6 +105,8 @@ def _paged_attn_kernel(
     tables_ptr,
     qsl_ptr,
     lens_ptr,
+    sink_ptr,
+    sidx_ptr,
     qk_scale,
     stride_qt,
     stride_qh,
@@ -121,6 +127,7 @@ def _paged_attn_kernel(
     CT: tl.constexpr,
     F32: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    HAS_SINK: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     hk = tl.program_id(1)
@@ -169,6 +176,17 @@ def _paged_attn_kernel(
     q_lo = tl.load(q_rows + e_lo[None, :], mask=qmask, other=0.0).to(CT)
     q_hi = tl.load(q_rows + e_hi[None, :], mask=qmask, other=0.0).to(CT)
 
+    if HAS_SINK:  # this sequence's sink rows (K: row 2e, V: 2e + 1); without one, zeros at key -1 (none)
+        sink_key = tl.where(tl.load(sidx_ptr + b) >= 0, 0, -1)  # the key position the sink replaces
+        sid = tl.load(sidx_ptr + b + 0 * offs_d)  # as a vector: the interpreter mis-types scalar & tensor
+        srow = (2 * tl.maximum(sid, 0).to(tl.int64) * Hk + hk) * (2 * DH)
+        smask = dmask & (sid >= 0)
+        sk_lo = tl.load(sink_ptr + srow + e_lo, mask=smask, other=0.0).to(CT)
+        sk_hi = tl.load(sink_ptr + srow + e_hi, mask=smask, other=0.0).to(CT)
+        sv_row = sink_ptr + srow + Hk * 2 * DH
+        sv_lo = tl.load(sv_row + e_lo, mask=smask, other=0.0).to(CT)
+        sv_hi = tl.load(sv_row + e_hi, mask=smask, other=0.0).to(CT)
+
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc_lo = tl.zeros((BLOCK_M, BLOCK_DH), tl.float32)
@@ -181,6 +199,11 @@ def _paged_attn_kernel(
         tv = tv & (blk >= 0)
         row = (blk.to(tl.int64) * PAGE + t % PAGE) * Hk + hk
         k_lo, k_hi = _load_kv(k_ptr, ksz_ptr, row, tv, offs_d, DH, BITS, CT)
+        if HAS_SINK:  # noqa: SIM102 (a constexpr test, then a runtime one: Triton cannot fuse them)
+            if start == 0:  # only the first tile holds key 0
+                use = (t == sink_key)[:, None]
+                k_lo = tl.where(use, sk_lo[None, :], k_lo)
+                k_hi = tl.where(use, sk_hi[None, :], k_hi)
         s = _dot(q_lo, tl.trans(k_lo), F32) + _dot(q_hi, tl.trans(k_hi), F32)
         s = tl.where(tv[None, :] & (t[None, :] <= pos[:, None]), s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -189,6 +212,11 @@ def _paged_attn_kernel(
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v_lo, v_hi = _load_kv(v_ptr, vsz_ptr, row, tv, offs_d, DH, BITS, CT)
+        if HAS_SINK:  # noqa: SIM102
+            if start == 0:
+                use = (t == sink_key)[:, None]
+                v_lo = tl.where(use, sv_lo[None, :], v_lo)
+                v_hi = tl.where(use, sv_hi[None, :], v_hi)
         pc = p.to(CT)
         acc_lo = acc_lo * alpha[:, None] + _dot(pc, v_lo, F32)
         acc_hi = acc_hi * alpha[:, None] + _dot(pc, v_hi, F32)
@@ -317,6 +345,27 @@ def _check(
     return hq, hk, d, hq // hk
 
 
+def _check_sink(
+    sink: torch.Tensor | None,
+    sink_idx: torch.Tensor | None,
+    bits: int,
+    hk: int,
+    d: int,
+    q: torch.Tensor,
+    nseq: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Validate the sinks (both or neither are used): ``sink [E, 2, Hk, D]``, ``sink_idx`` int32 ``[B]``."""
+    if sink is None or sink_idx is None:
+        return None, None
+    check_sink(sink, bits, hk, d, q.device)
+    if sink_idx.shape != (nseq,) or sink_idx.dtype != torch.int32 or sink_idx.device != q.device:
+        raise KernelInputError(
+            f"sink_idx must be int32 [{nseq}] on {q.device} (one sink entry per sequence, -1 for none), got "
+            f"{sink_idx.dtype} {list(sink_idx.shape)} on {sink_idx.device}"
+        )
+    return sink, sink_idx
+
+
 def _out(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -348,6 +397,8 @@ def _launch(
     num_warps: int,
     num_stages: int,
     decode: bool,
+    sink: torch.Tensor | None = None,
+    sink_idx: torch.Tensor | None = None,
 ) -> None:
     t, hq, d = q.shape
     hk = k_cache.shape[2]
@@ -371,6 +422,8 @@ def _launch(
         block_tables,
         query_start_loc,
         seq_lens,
+        sink if sink is not None else k_cache,
+        sink_idx if sink_idx is not None else seq_lens,
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -391,6 +444,7 @@ def _launch(
         CT=tl.float32 if f32 else (tl.float16 if q.dtype == torch.float16 else tl.bfloat16),
         F32=f32,
         NUM_STAGES=num_stages,
+        HAS_SINK=sink is not None and sink_idx is not None,
         num_warps=num_warps,
     )
     if splits > 1:
@@ -421,12 +475,14 @@ def paged_decode(
     bits: int = 0,
     config: AttentionConfig | None = None,
     out: torch.Tensor | None = None,
+    sink: torch.Tensor | None = None,
+    sink_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: ``q [B, Hq, D]`` (row ``b`` is sequence ``b``) over ``seq_lens[b]``
     cached tokens -> ``[B, Hq, D]`` in ``q.dtype``.
 
     No host synchronisation and a grid that depends only on shapes: capturable in a CUDA graph. Rows with
-    ``seq_lens`` 0 give zeros."""
+    ``seq_lens`` 0 give zeros. ``sink``/``sink_idx``: see ``paged_attention_ref`` (quantized caches)."""
     cfg = config or AttentionConfig()
     _, hk, d, g = _check(q, k_cache, v_cache, block_tables, seq_lens, k_sz, v_sz, bits)
     if q.shape[0] != block_tables.shape[0]:
@@ -434,6 +490,7 @@ def paged_decode(
             f"decode takes one query per sequence: q has {q.shape[0]} rows for {block_tables.shape[0]} "
             "sequences"
         )
+    sink, sink_idx = _check_sink(sink, sink_idx, bits, hk, d, q, block_tables.shape[0])
     out = _out(q, out)
     if q.shape[0] == 0:
         return out
@@ -466,6 +523,8 @@ def paged_decode(
         cfg.num_warps or (2 if bits else 4),
         cfg.num_stages or 2,
         True,
+        sink,
+        sink_idx,
     )
     return out
 
@@ -484,13 +543,16 @@ def paged_prefill(
     bits: int = 0,
     config: AttentionConfig | None = None,
     out: torch.Tensor | None = None,
+    sink: torch.Tensor | None = None,
+    sink_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention of ``q [T, Hq, D]`` over the paged cache (``paged_attention_ref``'s contract):
     queries of sequence ``b`` are rows ``query_start_loc[b]:query_start_loc[b + 1]``, the last of its
     ``seq_lens[b]`` cached tokens (a cached prefix, then the chunk). ``max_query_len`` sizes the grid."""
     cfg = config or AttentionConfig()
-    _, _, d, g = _check(q, k_cache, v_cache, block_tables, seq_lens, k_sz, v_sz, bits)
+    _, hk, d, g = _check(q, k_cache, v_cache, block_tables, seq_lens, k_sz, v_sz, bits)
     nseq = block_tables.shape[0]
+    sink, sink_idx = _check_sink(sink, sink_idx, bits, hk, d, q, nseq)
     if query_start_loc.shape != (nseq + 1,) or query_start_loc.dtype != torch.int32:
         raise KernelInputError(
             f"query_start_loc must be int32 [{nseq + 1}], got {query_start_loc.dtype} "
@@ -526,5 +588,7 @@ def paged_prefill(
         cfg.num_warps or 4,
         cfg.num_stages or 2,
         False,
+        sink,
+        sink_idx,
     )
     return out

@@ -167,6 +167,12 @@ def cmd_bench_report(a: argparse.Namespace) -> None:
     sys.exit(getattr(importlib.import_module(module), func)(a.rest))
 
 
+def _add_sink_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-sink-entries", type=int, default=64,
+                   help="quantized KV caches keep position 0's K/V exact (attention sink), one entry per "
+                        "distinct first token; 0 turns it off")
+
+
 def _add_engine_args(p: argparse.ArgumentParser, cache_default: str = "0.8") -> None:
     p.add_argument("model_dir", type=Path, help="HF, AWQ or packed model directory")
     p.add_argument("--model-format", choices=["hf", "awq"], default=None,
@@ -174,6 +180,7 @@ def _add_engine_args(p: argparse.ArgumentParser, cache_default: str = "0.8") -> 
                         "value is reported and the manifest wins)")
     p.add_argument("--quant-policy", type=int, choices=[0, 4, 8], default=0,
                    help="KV cache: 0 = fp, 8 = int8, 4 = int4")
+    _add_sink_arg(p)
     p.add_argument("--tp", type=int, default=1,
                    help="tensor parallelism: split the model over this many GPUs of this host (cuda:0..N-1 "
                         "of CUDA_VISIBLE_DEVICES)")
@@ -198,7 +205,8 @@ def _engine_options(a: argparse.Namespace):
             f"--cache-max-entry-count must be a number, got {a.cache_max_entry_count!r}") from None
     return EngineOptions(a.model_dir, a.model_format, a.quant_policy, a.tp, cache, a.session_len,
                          a.max_batch_size, a.enable_prefix_caching, a.device,
-                         extra={"eager": True} if getattr(a, "eager", False) else {})
+                         extra={"eager": True} if getattr(a, "eager", False) else {},
+                         kv_sink_entries=a.kv_sink_entries)
 
 
 def cmd_serve_api_server(a: argparse.Namespace) -> None:
@@ -241,7 +249,7 @@ def cmd_eval_ppl_engine(a: argparse.Namespace) -> None:
     from lmkiln.eval.engine_ppl import format_table, run
 
     report = run(a.model_dir, a.texts, a.out, a.quant_policy, a.text_dir, a.tokens, a.window, a.add_bos,
-                 a.device, a.chunk, a.reference, a.strict)
+                 a.device, a.chunk, a.reference, a.strict, a.kv_sink_entries)
     print(format_table(report))
     if report["checks"]["failures"]:
         print("checks failed: " + "; ".join(report["checks"]["failures"]))
@@ -323,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quant-policy", type=int, nargs="+", choices=[0, 4, 8], default=[0, 8, 4],
                    help="KV cache policies to score")
     s.add_argument("--chunk", type=int, default=128, help="prefill chunk: later chunks read the paged cache")
+    _add_sink_arg(s)
     s.add_argument("--reference", type=Path, default=None,
                    help="eval/ppl.json to compare with (kv0 within 1%%; kv8 <= +0.5%%, kv4 <= +3%% over kv0)")
     s.add_argument("--strict", action="store_true", help="exit 2 when a --reference check fails")

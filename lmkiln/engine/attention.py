@@ -32,6 +32,9 @@ class AttentionMetadata:
     ``slot_mapping [T]``: cache slot of every new token. ``block_tables [B, max_blocks]`` (int32, padded
     with -1). ``query_start_loc [B + 1]``: the new tokens of sequence ``b`` are rows
     ``query_start_loc[b]:query_start_loc[b + 1]``. ``seq_lens [B]``: tokens cached after this step.
+    Attention sinks (quantized caches with sink entries; None otherwise): ``sink_idx [B]`` (int32) is the
+    entry sequence ``b`` reads its key position 0 from, ``sink_slot [T]`` (int64) the entry a token's exact
+    K/V is written to; -1 for none.
     """
 
     slot_mapping: torch.Tensor
@@ -40,6 +43,8 @@ class AttentionMetadata:
     seq_lens: torch.Tensor
     max_query_len: int
     max_seq_len: int
+    sink_idx: torch.Tensor | None = None
+    sink_slot: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -52,7 +57,7 @@ class AttentionMetadata:
 
 class _Backend:
     """``forward``: the int4 cache's rotation (see :mod:`lmkiln.engine.kv_cache`) around writing the new K/V
-    (``_write_kv``, with the cache's K offset) and ``_attend``."""
+    (``_write_kv``, with the cache's K offset and attention sinks) and ``_attend``."""
 
     name = ""
     _write_kv: Callable[..., None]
@@ -70,8 +75,19 @@ class _Backend:
         if rot is not None:
             rot = rot.to(q.dtype)
             q, k, v = q @ rot, k @ rot, v @ rot
+        sink = cache.sink if meta.sink_slot is not None else None
         self._write_kv(
-            k, v, cache.k, cache.v, meta.slot_mapping, cache.k_sz, cache.v_sz, cache.bits, cache.k_offset
+            k,
+            v,
+            cache.k,
+            cache.v,
+            meta.slot_mapping,
+            cache.k_sz,
+            cache.v_sz,
+            cache.bits,
+            cache.k_offset,
+            sink,
+            meta.sink_slot if sink is not None else None,
         )
         out = self._attend(q, cache, meta, scale)
         return out if rot is None else out @ rot.T
@@ -107,7 +123,15 @@ class TorchAttentionBackend(_Backend):
             cache.k_sz,
             cache.v_sz,
             cache.bits,
+            *_sinks(cache, meta),
         )
+
+
+def _sinks(cache: LayerKVCache, meta: AttentionMetadata) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(sink, sink_idx)`` for the attention read: both, or neither when the step or the cache has none."""
+    if cache.sink is None or meta.sink_idx is None:
+        return None, None
+    return cache.sink, meta.sink_idx
 
 
 class TritonAttentionBackend(_Backend):
@@ -126,6 +150,7 @@ class TritonAttentionBackend(_Backend):
     def _attend(
         self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
+        sink, sink_idx = _sinks(cache, meta)
         if meta.is_decode_only and q.shape[0] == meta.num_seqs:
             return self._decode(
                 q,
@@ -137,6 +162,8 @@ class TritonAttentionBackend(_Backend):
                 cache.k_sz,
                 cache.v_sz,
                 cache.bits,
+                sink=sink,
+                sink_idx=sink_idx,
             )
         return self._prefill(
             q,
@@ -150,6 +177,8 @@ class TritonAttentionBackend(_Backend):
             cache.k_sz,
             cache.v_sz,
             cache.bits,
+            sink=sink,
+            sink_idx=sink_idx,
         )
 
 

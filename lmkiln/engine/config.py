@@ -21,6 +21,9 @@ class EngineConfig:
     of a session) may grow; a longer prompt is refused. ``max_num_batched_tokens`` is the token budget of
     one step (decode tokens count one each); ``max_prefill_token_num`` caps the prompt tokens of one step,
     so a longer prompt is split into chunks and fused with the decodes of other requests.
+    ``kv_sink_entries``: exact (model dtype) copies of position 0's K/V kept beside a quantized cache, one per
+    distinct first token of the live and recent sequences (see :mod:`lmkiln.engine.kv_sink`); 0 disables them,
+    an fp cache (``quant_policy`` 0) never uses them.
     """
 
     model_dir: str | Path
@@ -35,6 +38,7 @@ class EngineConfig:
     session_len: int | None = None
     enable_prefix_caching: bool = False
     quant_policy: int = 0
+    kv_sink_entries: int = 64
     eager: bool = False  # True: no CUDA graphs for decode (the oracle); the CPU always runs eagerly
     seed: int = 0
     verify_artifact: bool = True  # check every artifact file against its sha256 in manifest.json on load
@@ -67,9 +71,20 @@ class EngineConfig:
                 f"quant_policy must be one of {QUANT_POLICIES} (0: fp KV cache, 8: int8, 4: int4), "
                 f"got {self.quant_policy}"
             )
+        e = self.kv_sink_entries
+        if isinstance(e, bool) or not isinstance(e, int) or e < 0:
+            raise EngineConfigError(
+                f"kv_sink_entries must be an int >= 0 (attention-sink entries of a quantized KV cache; 0 "
+                f"turns them off), got {e!r}"
+            )
         if self.session_len is not None and self.session_len < 2:
             raise EngineConfigError(f"session_len must be >= 2, got {self.session_len}")
         if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise EngineConfigError(f"dtype must be auto, float16, bfloat16 or float32, got {self.dtype!r}")
         if isinstance(self.tp, bool) or not isinstance(self.tp, int) or self.tp < 1:
             raise EngineConfigError(f"tp (tensor parallel degree) must be an int >= 1, got {self.tp!r}")
+
+    @property
+    def sink_entries(self) -> int:
+        """Attention-sink entries the engine keeps: ``kv_sink_entries`` for a quantized cache, else 0."""
+        return self.kv_sink_entries if self.quant_policy else 0

@@ -12,6 +12,13 @@ RoPE, per KV head and channel. Shifting every key by the same vector ``c`` chang
 constant ``q . c``, which softmax ignores, so attention is unchanged; but K's large per-channel means no
 longer inflate every token's range (SmolLM2-135M int4 on Pride and Prejudice, CPU fp32: +5.4 % ppl ->
 +3.4 %, and +2.8 % with the int4 range search of :func:`lmkiln.kernels.attention_ref.quantize_kv_ref`).
+
+A quantized cache can also keep *attention sinks*: ``sink_entries`` exact (model dtype) copies of position
+0's K and V, one per distinct first token, beside the blocks (``LayerKVCache.sink [entries, 2, Hk, D]``, K in
+the quantizer's basis: rotated and offset). Position 0 attends only to itself and RoPE is the identity there,
+so its K/V depend on its token alone and one entry serves every sequence starting with that token (the
+scheduler's :class:`~lmkiln.engine.kv_sink.SinkTable` hands entries out). Attention reads position 0 from the
+sink, so the token most queries attend to most carries no quantization error.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class LayerKVCache:
     bits: int = 0
     rotation: torch.Tensor | None = None  # [head_dim, head_dim] orthonormal, applied by the backends
     k_offset: torch.Tensor | None = None  # [num_kv_heads, head_dim] float32, subtracted before quantizing
+    sink: torch.Tensor | None = None  # [entries, 2, num_kv_heads, head_dim] model dtype: position 0's K, V
 
 
 def hadamard_matrix(
@@ -68,13 +76,18 @@ class KVCache:
         device: torch.device | str,
         quant_policy: int = 0,
         k_offsets: list[torch.Tensor] | None = None,
+        sink_entries: int = 0,
     ) -> None:
-        """``k_offsets``: one ``[num_kv_heads, head_dim]`` K mean per layer (quantized caches use them)."""
+        """``k_offsets``: one ``[num_kv_heads, head_dim]`` K mean per layer (quantized caches use them).
+        ``sink_entries``: attention-sink entries per layer (quantized caches only; ignored by an fp cache)."""
         if quant_policy == 4 and head_dim % 2:
             raise EngineConfigError(f"quant_policy 4 packs two values per byte; head_dim {head_dim} is odd")
+        if sink_entries < 0:
+            raise EngineConfigError(f"sink_entries must be >= 0, got {sink_entries}")
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
         self.quant_policy = quant_policy
+        self.sink_entries = sink_entries if quant_policy else 0
         shape = (num_blocks, block_size, num_kv_heads)
         # zeros, not empty: the reference attention multiplies masked (zero-weight) slots, and 0 * NaN = NaN
         if quant_policy:
@@ -89,8 +102,16 @@ class KVCache:
                     "head_dim %d is not a power of two: int4 KV without the Hadamard rotation", head_dim
                 )
             offsets = self._offsets(k_offsets, num_layers, num_kv_heads, head_dim, rotation, device)
+            sinks: list[torch.Tensor | None] = [None] * num_layers
+            if self.sink_entries:
+                sink = torch.zeros(
+                    (num_layers, self.sink_entries, 2, num_kv_heads, head_dim), dtype=dtype, device=device
+                )
+                sinks = list(sink)
             self.layers = [
-                LayerKVCache(data[0, i], data[1, i], sz[0, i], sz[1, i], quant_policy, rotation, offsets[i])
+                LayerKVCache(
+                    data[0, i], data[1, i], sz[0, i], sz[1, i], quant_policy, rotation, offsets[i], sinks[i]
+                )
                 for i in range(num_layers)
             ]
         else:
@@ -150,7 +171,17 @@ class KVCache:
             per_head = head_dim * torch.finfo(dtype).bits // 8
         return 2 * num_layers * block_size * num_kv_heads * per_head
 
+    @staticmethod
+    def sink_bytes(
+        num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, quant_policy: int, entries: int
+    ) -> int:
+        """Bytes of the attention sinks across all layers (0 for an unquantized cache)."""
+        if not quant_policy:
+            return 0
+        return 2 * num_layers * entries * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
     def nbytes(self) -> int:
-        return self.num_blocks * self.bytes_per_block(
-            self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.dtype, self.quant_policy
-        )
+        """Bytes of every tensor of the cache: blocks, scales/zeros and sinks."""
+        n, hk, d, dt, qp = self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.quant_policy
+        blocks = self.num_blocks * self.bytes_per_block(n, self.block_size, hk, d, dt, qp)
+        return blocks + self.sink_bytes(n, hk, d, dt, qp, self.sink_entries)

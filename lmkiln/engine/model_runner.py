@@ -10,6 +10,10 @@ KV write skips them) and ``seq_len`` 0 (attention reads nothing for them); block
 fixed ``max_blocks = ceil(session_len / block_size)`` columns and ``max_seq_len`` is
 ``max_blocks * block_size``. Prefill and mixed steps, and ``EngineConfig.eager`` (the oracle), run eagerly.
 Logits and sampling stay outside the graphs.
+
+A quantized cache with attention sinks (``EngineConfig.sink_entries``) gets two more inputs a step: each
+sequence's sink entry (``sink_idx``, read for its key position 0) and, per token, the entry its exact K/V is
+written to (``sink_slot``: set only for position 0 of a sequence with an entry). Pad rows have -1 for both.
 """
 
 from __future__ import annotations
@@ -52,12 +56,15 @@ def plan_num_blocks(config: EngineConfig, loaded: LoadedModel, session_len: int)
     per_block = KVCache.bytes_per_block(
         cfg.num_layers, config.block_size, cfg.num_kv_heads, cfg.head_dim, loaded.dtype, config.quant_policy
     )
+    sinks = KVCache.sink_bytes(
+        cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, loaded.dtype, config.quant_policy, config.sink_entries
+    )
     entry = config.cache_max_entry_count
     if isinstance(entry, int):
         return entry
     if loaded.device.type == "cuda":
         free, total = torch.cuda.mem_get_info(loaded.device)
-        num = int(free * entry) // per_block
+        num = max(0, int(free * entry) - sinks) // per_block
         if num < config.max_num_seqs:
             raise CacheMemoryError(
                 f"not enough GPU memory for the KV cache: {loaded.device} has {free / GIB:.2f} GiB free of "
@@ -69,7 +76,7 @@ def plan_num_blocks(config: EngineConfig, loaded: LoadedModel, session_len: int)
             )
         return min(num, _useful_blocks(config, session_len))
     budget = min(config.cpu_cache_bytes, _host_available_bytes())
-    num = int(budget * entry) // per_block
+    num = max(0, int(budget * entry) - sinks) // per_block
     if num < 1:
         raise CacheMemoryError(
             f"not enough host memory for one KV block: a block of {config.block_size} tokens takes "
@@ -112,6 +119,8 @@ class StepInputs:
     seq_lens: list[int] = field(default_factory=list)
     block_tables: list[list[int]] = field(default_factory=list)
     logits_rows: list[int] = field(default_factory=list)
+    sink_idx: list[int] | None = None  # per sequence (None: the cache has no sinks)
+    sink_slot: list[int] | None = None  # per token
 
     @property
     def num_seqs(self) -> int:
@@ -125,7 +134,8 @@ class StepInputs:
 
 def pad_decode_inputs(step: StepInputs, bucket: int, max_blocks: int) -> StepInputs:
     """``step`` (a decode step) padded to ``bucket`` rows: pad rows have token 0 at position 0, slot -1,
-    ``seq_len`` 0 and an all -1 block table; every block table is padded with -1 to ``max_blocks``."""
+    ``seq_len`` 0, an all -1 block table and no sink entry; every block table is padded with -1 to
+    ``max_blocks``."""
     n = step.num_seqs
     if not step.is_decode or n > bucket:
         raise EngineConfigError(
@@ -144,6 +154,8 @@ def pad_decode_inputs(step: StepInputs, bucket: int, max_blocks: int) -> StepInp
         seq_lens=step.seq_lens + [0] * pad,
         block_tables=tables + [[-1] * max_blocks] * pad,
         logits_rows=list(step.logits_rows),
+        sink_idx=None if step.sink_idx is None else step.sink_idx + [-1] * pad,
+        sink_slot=None if step.sink_slot is None else step.sink_slot + [-1] * pad,
     )
 
 
@@ -175,6 +187,11 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(b, dtype=torch.int32, device=device)
         self.block_tables = torch.full((b, max_blocks), -1, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
+        self.sink_idx: torch.Tensor | None = None
+        self.sink_slot: torch.Tensor | None = None
+        if kv_caches and kv_caches[0].sink is not None:  # a quantized cache with attention sinks
+            self.sink_idx = torch.full((b,), -1, dtype=torch.int32, device=device)
+            self.sink_slot = torch.full((b,), -1, dtype=torch.long, device=device)
         self.hidden = torch.zeros(b, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
@@ -187,6 +204,8 @@ class DecodeGraphs:
             seq_lens=self.seq_lens[:b],
             max_query_len=1,
             max_seq_len=self.max_blocks * self.block_size,
+            sink_idx=None if self.sink_idx is None else self.sink_idx[:b],
+            sink_slot=None if self.sink_slot is None else self.sink_slot[:b],
         )
 
     def _forward(self, b: int) -> None:
@@ -223,13 +242,17 @@ class DecodeGraphs:
             raise EngineConfigError(f"no decode graph holds {n} sequences (largest {self.sizes[-1]})")
         p = pad_decode_inputs(step, b, self.max_blocks)
         dev = self.input_ids.device
-        for buf, values, dtype in (
+        inputs: list[tuple[torch.Tensor, list, torch.dtype]] = [
             (self.input_ids, p.input_ids, torch.long),
             (self.positions, p.positions, torch.long),
             (self.slot_mapping, p.slot_mapping, torch.long),
             (self.seq_lens, p.seq_lens, torch.int32),
             (self.block_tables, p.block_tables, torch.int32),
-        ):
+        ]
+        if self.sink_idx is not None and self.sink_slot is not None:
+            inputs.append((self.sink_idx, p.sink_idx or [-1] * b, torch.int32))
+            inputs.append((self.sink_slot, p.sink_slot or [-1] * b, torch.long))
+        for buf, values, dtype in inputs:
             buf[:b].copy_(torch.tensor(values, dtype=dtype).to(dev, non_blocking=True))
         graph = self.graphs.get(b)
         if graph is not None:
@@ -257,6 +280,7 @@ class ModelRunner:
                 loaded.device,
                 config.quant_policy,
                 self._k_offsets(config.quant_policy),
+                config.sink_entries,
             )
         except (torch.OutOfMemoryError, RuntimeError) as e:
             per_block = KVCache.bytes_per_block(
@@ -275,11 +299,12 @@ class ModelRunner:
         self.backend = make_attention_backend(self.device)  # Triton on CUDA (LMKILN_ATTENTION overrides)
         self.sampler = Sampler(config.seed)
         log.info(
-            "KV cache: %d blocks x %d tokens (%.2f GiB, quant_policy %d)",
+            "KV cache: %d blocks x %d tokens (%.2f GiB, quant_policy %d, %d attention-sink entries)",
             num_blocks,
             config.block_size,
             self.kv_cache.nbytes() / GIB,
             config.quant_policy,
+            self.kv_cache.sink_entries,
         )
         self.session_len = config.session_len or cfg.max_position_embeddings
         self.max_blocks = -(-self.session_len // config.block_size)  # block-table width in the graphs
@@ -335,7 +360,10 @@ class ModelRunner:
 
     def _collect(self, out: SchedulerOutput) -> StepInputs:
         bs = self.block_size
+        sinks = self.kv_cache.sink_entries
         step = StepInputs()
+        if sinks:
+            step.sink_idx, step.sink_slot = [], []
         for item in out.scheduled:
             seq, start, n = item.seq, item.start, item.num_new_tokens
             step.input_ids.extend(seq.token_ids[start : start + n])
@@ -348,6 +376,14 @@ class ModelRunner:
             step.block_tables.append(table)
             if item.sample:
                 step.logits_rows.append(step.query_start_loc[-1] - 1)
+            if step.sink_idx is not None and step.sink_slot is not None:
+                if not -1 <= item.sink < sinks:
+                    raise EngineConfigError(
+                        f"sequence {seq.seq_id} was given attention-sink entry {item.sink} but the KV cache "
+                        f"has {sinks} (the scheduler's kv_sink_entries must match the cache's)"
+                    )
+                step.sink_idx.append(item.sink)
+                step.sink_slot.extend([item.sink if start == 0 else -1] + [-1] * (n - 1))
         return step
 
     def _prepare(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -367,6 +403,9 @@ class ModelRunner:
             max_query_len=max(b - a for a, b in itertools.pairwise(qsl)),
             max_seq_len=max(step.seq_lens),
         )
+        if step.sink_idx is not None and step.sink_slot is not None:
+            meta.sink_idx = as_tensor(step.sink_idx, torch.int32)
+            meta.sink_slot = as_tensor(step.sink_slot, torch.long)
         return as_tensor(step.input_ids, torch.long), as_tensor(step.positions, torch.long), meta
 
     def _hidden(self, step: StepInputs, eager: bool = False) -> torch.Tensor:

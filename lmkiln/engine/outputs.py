@@ -9,12 +9,16 @@ from lmkiln.engine.sequence import Sequence
 
 @dataclass
 class ScheduledSequence:
-    """Compute ``seq.token_ids[start : start + num_new_tokens]`` this step, then sample if ``sample``."""
+    """Compute ``seq.token_ids[start : start + num_new_tokens]`` this step, then sample if ``sample``.
+
+    ``sink``: the attention-sink entry the sequence reads its position 0 from (and writes, when this chunk
+    starts at 0); -1 for none (see :mod:`lmkiln.engine.kv_sink`)."""
 
     seq: Sequence
     start: int
     num_new_tokens: int
     sample: bool
+    sink: int = -1
 
     @property
     def is_prefill(self) -> bool:

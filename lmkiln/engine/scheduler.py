@@ -9,6 +9,10 @@ When a running sequence needs a block and none is free, memory is reclaimed in t
 KV blocks, waiting sequences' blocks, then the most recently arrived running sequence is preempted (its
 blocks are freed and it is recomputed later, prefix-cache hits included). A sequence that alone outgrows
 the whole cache is finished with reason ``length``. Nothing here waits or raises on a full cache.
+
+With ``sink_entries`` (quantized KV caches), a sequence takes an attention-sink entry for its first token
+when it starts running (:class:`~lmkiln.engine.kv_sink.SinkTable`) and gives it back when it finishes, is
+aborted or preempted.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections import deque
 
 from lmkiln.engine.block_manager import BlockManager
 from lmkiln.engine.errors import RequestError
+from lmkiln.engine.kv_sink import SinkTable
 from lmkiln.engine.outputs import ModelRunnerOutput, ScheduledSequence, SchedulerOutput
 from lmkiln.engine.sequence import Sequence, SequenceStatus
 from lmkiln.engine.session import SessionManager
@@ -33,7 +38,9 @@ class Scheduler:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 8192,
         max_prefill_token_num: int = 8192,
+        sink_entries: int = 0,
     ) -> None:
+        """``sink_entries``: attention-sink entries of the KV cache (``EngineConfig.sink_entries``), or 0."""
         self.block_manager = block_manager
         self.session_len = session_len
         self.max_num_seqs = max_num_seqs
@@ -45,6 +52,7 @@ class Scheduler:
         self.requests: dict[str, Sequence] = {}
         self._finished_ids: list[int] = []
         self.num_preemptions = 0
+        self.sinks = SinkTable(sink_entries) if sink_entries > 0 else None
 
     # ----------------------------------------------------------------------------------------- requests
 
@@ -86,6 +94,7 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
         seq.status = status
+        self._release_sink(seq)
         self.sessions.detach(seq)  # a session keeps a finished (not an aborted) turn's blocks
         self.block_manager.free(seq)
         self.requests.pop(seq.request_id, None)
@@ -132,7 +141,8 @@ class Scheduler:
                 )
             if not ok:
                 continue
-            item = ScheduledSequence(seq, seq.num_computed_tokens, n, n == seq.num_uncomputed_tokens)
+            start = seq.num_computed_tokens
+            item = ScheduledSequence(seq, start, n, n == seq.num_uncomputed_tokens, seq.sink)
             chosen[seq.seq_id] = item
             budget -= n
             if item.is_prefill:
@@ -200,7 +210,9 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            item = ScheduledSequence(seq, num_computed, n, num_computed + n == seq.num_tokens)
+            if self.sinks is not None:
+                seq.sink = self.sinks.acquire(seq.token_ids[0], num_computed == 0)
+            item = ScheduledSequence(seq, num_computed, n, num_computed + n == seq.num_tokens, seq.sink)
             chosen[seq.seq_id] = item
             budget -= n
             prefill_budget -= n
@@ -234,6 +246,7 @@ class Scheduler:
         chosen.pop(seq.seq_id, None)
         self.running.remove(seq)
         self.block_manager.free(seq)
+        self._release_sink(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -247,6 +260,11 @@ class Scheduler:
                 "(--cache-max-entry-count, --quant-policy 8) or a lower --max-batch-size avoid them",
                 self.num_preemptions,
             )
+
+    def _release_sink(self, seq: Sequence) -> None:
+        if seq.sink >= 0 and self.sinks is not None:
+            self.sinks.release(seq.sink)
+        seq.sink = -1
 
     def _release_waiting(self, seq: Sequence) -> None:
         """Free the blocks a waiting sequence holds (a session turn's history); it will recompute them."""

@@ -52,6 +52,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens not prefilled (prefix cache hits, session KV)
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []
+        self.sink = -1  # attention-sink entry held while running (lmkiln.engine.kv_sink), -1 for none
         self.status = SequenceStatus.WAITING
         self.num_preemptions = 0
         self.arrival_time = time.monotonic()

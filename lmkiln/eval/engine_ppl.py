@@ -4,7 +4,9 @@ Same protocol as :mod:`lmkiln.eval.ppl` (non-overlapping windows, each scored al
 every window is prefilled through :class:`~lmkiln.engine.model_runner.ModelRunner` in chunks of at most
 ``chunk`` tokens, so later chunks attend over K/V read back from the paged cache, quantized when
 ``quant_policy`` is 8 or 4. So the int4 artifact's ppl through the engine can be compared with
-``results/<model>/eval/ppl.json`` and the KV quantization's cost measured.
+``results/<model>/eval/ppl.json`` and the KV quantization's cost measured. Quantized caches keep each
+window's position 0 exact in an attention-sink entry, as the scheduler does for requests
+(``kv_sink_entries``; 0 scores without them).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 
 from lmkiln.engine.config import EngineConfig
 from lmkiln.engine.errors import CacheMemoryError
+from lmkiln.engine.kv_sink import SinkTable
 from lmkiln.engine.llm_engine import LLMEngine
 from lmkiln.engine.loader import LoadedModel, load_model
 from lmkiln.engine.outputs import ScheduledSequence, SchedulerOutput
@@ -40,11 +43,15 @@ def engine_perplexity(
     """``exp(mean NLL)`` of ``windows [n, L]`` through the engine's paged forward (the engine must be idle).
 
     Each window is prefilled in chunks of at most ``chunk`` tokens; windows go through together, up to
-    ``step_tokens`` tokens a step and as many as the KV cache holds.
+    ``step_tokens`` tokens a step and as many as the KV cache holds. With attention sinks (a quantized
+    cache with sink entries), each window takes an entry for its first token, as the scheduler would.
     """
     if engine.has_unfinished_requests():
         raise CacheMemoryError("engine_perplexity needs an idle engine (requests are running)")
     runner, bm = engine.runner, engine.block_manager
+    sinks = engine.scheduler.sinks
+    if sinks is None and runner.kv_cache.sink_entries:  # the scheduler keeps none: the windows' own table
+        sinks = SinkTable(runner.kv_cache.sink_entries)
     n, length = windows.shape
     chunk = max(1, min(chunk, length))
     per_window = bm.blocks_for(length)
@@ -63,9 +70,11 @@ def engine_perplexity(
             for s in seqs:
                 if not bm.allocate(s, length):
                     raise CacheMemoryError("the KV cache ran out of blocks while scoring (engine bug)")
+                if sinks is not None:
+                    s.sink = sinks.acquire(s.token_ids[0], True)
             for start in range(0, length, chunk):
                 step = min(chunk, length - start)
-                out = SchedulerOutput([ScheduledSequence(s, start, step, False) for s in seqs])
+                out = SchedulerOutput([ScheduledSequence(s, start, step, False, s.sink) for s in seqs])
                 logits = runner.prompt_logits(out).view(len(seqs), step, -1)
                 # position p predicts token p + 1; the window's last position predicts nothing
                 target = rows[:, start + 1 : start + step + 1].to(logits.device)
@@ -75,6 +84,9 @@ def engine_perplexity(
         finally:
             for s in seqs:
                 bm.free(s)
+                if sinks is not None and s.sink >= 0:
+                    sinks.release(s.sink)
+                s.sink = -1
     return math.exp(nll / count)
 
 
@@ -87,9 +99,11 @@ def evaluate_engine(
     chunk: int = 128,
     reference: dict[str, Any] | None = None,
     loaded: LoadedModel | None = None,
+    kv_sink_entries: int = 64,
 ) -> dict[str, Any]:
     """Engine ppl of each text for each KV ``quant_policy``; with ``reference`` (an ``eval/ppl.json``
-    report) also the relative differences and the :data:`TOLERANCES` checks."""
+    report) also the relative differences and the :data:`TOLERANCES` checks. ``kv_sink_entries``: attention
+    sinks of the quantized caches (0: none)."""
     loaded = loaded or load_model(model_dir, device, dtype)
     longest = max(w.shape[1] for w in windows.values())
     results: dict[str, dict[str, float]] = {name: {} for name in windows}
@@ -98,6 +112,7 @@ def evaluate_engine(
         cfg = EngineConfig(
             model_dir, device=str(loaded.device), block_size=64, cache_max_entry_count=blocks, quant_policy=q,
             max_num_seqs=16, session_len=longest + 1, eager=True, verify_artifact=False,
+            kv_sink_entries=kv_sink_entries,
         )
         engine = LLMEngine(cfg, loaded=loaded)
         for name, w in windows.items():
@@ -111,6 +126,7 @@ def evaluate_engine(
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "device": str(loaded.device),
         "chunk": chunk,
+        "kv_sink_entries": kv_sink_entries,
         "protocol": {
             n: {"windows": int(w.shape[0]), "window_len": int(w.shape[1])} for n, w in windows.items()
         },
@@ -169,6 +185,7 @@ def run(
     chunk: int = 128,
     reference: Path | None = None,
     strict: bool = False,
+    kv_sink_entries: int = 64,
 ) -> dict[str, Any]:
     """``lmkiln eval ppl-engine``: tokenize the texts as ``eval ppl`` does, score, write ``out``."""
     import json
@@ -190,7 +207,8 @@ def run(
     windows = {
         name: eval_token_windows(tok, load_text(name, text_dir), tokens, window, add_bos) for name in texts
     }
-    report = evaluate_engine(model_dir, windows, quant_policies, device, chunk=chunk, reference=ref)
+    report = evaluate_engine(model_dir, windows, quant_policies, device, chunk=chunk, reference=ref,
+                             kv_sink_entries=kv_sink_entries)
     report["reference"] = str(reference) if reference is not None else None
     write_json_atomic(out, report)
     if strict:

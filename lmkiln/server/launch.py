@@ -32,6 +32,7 @@ class EngineOptions:
     enable_prefix_caching: bool = False
     device: str = "auto"
     extra: dict[str, object] = field(default_factory=dict)
+    kv_sink_entries: int = 64
 
 
 def parse_cache_entry(value: str) -> float | int:
@@ -56,6 +57,7 @@ def engine_config(opts: EngineOptions) -> EngineConfig:
         model_dir=opts.model_dir, device=opts.device, cache_max_entry_count=opts.cache_max_entry_count,
         session_len=opts.session_len, max_num_seqs=opts.max_batch_size,
         enable_prefix_caching=opts.enable_prefix_caching, quant_policy=opts.quant_policy, tp=opts.tp,
+        kv_sink_entries=opts.kv_sink_entries,
         **opts.extra,  # type: ignore[arg-type]
     )
 

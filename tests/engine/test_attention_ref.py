@@ -71,6 +71,44 @@ def test_paged_attention_matches_dense_for_a_mixed_batch(bits) -> None:
     torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_sink_makes_position_0_exact(bits) -> None:
+    """Through the backend (int4: Hadamard rotation; both: a K offset): with a sink, attention equals dense
+    attention over the quantized cache's values with only position 0 exact (in the cache's basis), and is
+    closer to the fp attention than without it."""
+    from lmkiln.engine.attention import AttentionMetadata, TorchAttentionBackend
+
+    gen = torch.Generator().manual_seed(bits)
+    hq, hk, d, t, bs = 4, 2, 32, 11, 4
+    q, k, v = (torch.randn(t, h, d, generator=gen) for h in (hq, hk, hk))
+    k[0] = 3 * k[0] + 2  # a first key unlike the others, as attention sinks are
+    mean = torch.randn(hk, d, generator=gen)
+    outs = {}
+    for sinks in (True, False):
+        cache = KVCache(1, 4, bs, hk, d, torch.float32, "cpu", bits, k_offsets=[mean], sink_entries=3)[0]
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(t),
+            block_tables=torch.arange(3, dtype=torch.int32)[None],
+            query_start_loc=torch.tensor([0, t], dtype=torch.int32),
+            seq_lens=torch.tensor([t], dtype=torch.int32),
+            max_query_len=t,
+            max_seq_len=t,
+            sink_idx=torch.tensor([2], dtype=torch.int32) if sinks else None,
+            sink_slot=torch.tensor([2] + [-1] * (t - 1)) if sinks else None,
+        )
+        outs[sinks] = TorchAttentionBackend().forward(q, k, v, cache, meta, d**-0.5)
+    assert (cache.rotation is not None) == (bits == 4)
+    h = cache.rotation if cache.rotation is not None else torch.eye(d)
+    kr, vr = k @ h - cache.k_offset, v @ h  # what the quantizer sees
+    kq = dequantize_kv_ref(*quantize_kv_ref(kr, bits), bits, torch.float32)
+    vq = dequantize_kv_ref(*quantize_kv_ref(vr, bits), bits, torch.float32)
+    kq[0], vq[0] = kr[0], vr[0]
+    want = _dense(q @ h, kq, vq, 0, d**-0.5) @ h.T
+    torch.testing.assert_close(outs[True], want, atol=1e-5, rtol=0)
+    exact = _dense(q, k, v, 0, d**-0.5)
+    assert (outs[True] - exact).norm() < (outs[False] - exact).norm()
+
+
 def test_dense_reference_agrees_with_sdpa() -> None:
     q, k, v = torch.randn(5, 4, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8)
     sdpa = F.scaled_dot_product_attention(
@@ -102,12 +140,42 @@ def test_kv_quantization_error(bits) -> None:
 
 
 def test_quantized_cache_capacity_ratios() -> None:
-    """int8 holds >= 1.9x and int4 >= 3.7x the tokens of an fp16 cache in the same memory (head_dim 128)."""
+    """int8 holds >= 1.9x and int4 >= 3.7x the tokens of an fp16 cache in the same memory (head_dim 128),
+    attention sinks included (64 entries, 7B shape, a 16 GiB cache); the plan subtracts the sinks' bytes."""
+    from types import SimpleNamespace
+
+    from lmkiln.engine.config import EngineConfig
+    from lmkiln.engine.model_runner import plan_num_blocks
+
     args = (32, 64, 8, 128)
     fp16 = KVCache.bytes_per_block(*args, torch.float16, 0)
     assert fp16 / KVCache.bytes_per_block(*args, torch.float16, 8) >= 1.9
     assert fp16 / KVCache.bytes_per_block(*args, torch.float16, 4) >= 3.7
-    tiny = KVCache(2, 3, 4, 2, 8, torch.float16, "cpu", quant_policy=4)
+    budget = 16 << 30
+    for bits, ratio in ((8, 1.9), (4, 3.7)):
+        sinks = KVCache.sink_bytes(32, 32, 128, torch.float16, bits, 64)
+        assert sinks == 2 * 32 * 64 * 32 * 128 * 2
+        blocks = (budget - sinks) // KVCache.bytes_per_block(32, 64, 32, 128, torch.float16, bits)
+        assert blocks / (budget // KVCache.bytes_per_block(32, 64, 32, 128, torch.float16, 0)) >= ratio
+    assert KVCache.sink_bytes(32, 32, 128, torch.float16, 0, 64) == 0
+    tiny = KVCache(2, 3, 4, 2, 8, torch.float16, "cpu", quant_policy=4, sink_entries=5)
+    assert tiny[1].sink.shape == (5, 2, 2, 8) and tiny[1].sink.dtype == torch.float16
     assert tiny.nbytes() == sum(
-        t.numel() * t.element_size() for lc in tiny.layers for t in (lc.k, lc.v, lc.k_sz, lc.v_sz)
+        t.numel() * t.element_size() for lc in tiny.layers for t in (lc.k, lc.v, lc.k_sz, lc.v_sz, lc.sink)
     )
+    assert KVCache(2, 3, 4, 2, 8, torch.float16, "cpu", quant_policy=0, sink_entries=5)[0].sink is None
+    cfg = SimpleNamespace(num_layers=2, num_kv_heads=2, head_dim=8)
+    loaded = SimpleNamespace(config=cfg, dtype=torch.float16, device=torch.device("cpu"))
+    per_block = KVCache.bytes_per_block(2, 4, 2, 8, torch.float16, 4)
+    for entries in (0, 64):
+        ec = EngineConfig(
+            "unused",
+            block_size=4,
+            quant_policy=4,
+            kv_sink_entries=entries,
+            cache_max_entry_count=1.0,
+            cpu_cache_bytes=100 * per_block,
+        )
+        want = (100 * per_block - KVCache.sink_bytes(2, 2, 8, torch.float16, 4, entries)) // per_block
+        assert plan_num_blocks(ec, loaded, 1 << 20) == want
+    assert want < 100

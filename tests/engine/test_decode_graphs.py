@@ -51,11 +51,13 @@ class PadSkippingBackend(TorchAttentionBackend):
 
         keep = meta.slot_mapping >= 0
         self.padded_calls += int((meta.seq_lens == 0).any())
+        has_sink = cache.sink is not None and meta.sink_idx is not None and meta.sink_slot is not None
+        sink_slot = meta.sink_slot[keep] if has_sink else None
         write_kv_ref(k[keep], v[keep], cache.k, cache.v, meta.slot_mapping[keep], cache.k_sz, cache.v_sz,
-                     cache.bits)
+                     cache.bits, cache.k_offset, cache.sink if has_sink else None, sink_slot)
         args = (cache.k, cache.v, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
                 cache.k_sz, cache.v_sz, cache.bits)
-        return paged_attention_ref(q, *args)
+        return paged_attention_ref(q, *args, *((cache.sink, meta.sink_idx) if has_sink else ()))
 
 
 @pytest.mark.parametrize("quant_policy", [0, 8])

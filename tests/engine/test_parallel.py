@@ -52,8 +52,10 @@ def tiny_tp_dir(tmp_path, make_tiny_model) -> Path:
                            tie_word_embeddings=True, initializer_range=0.3)
 
 
-def _generate(path: Path, params: SamplingParams = GREEDY, prompts=PROMPTS, **kw):
+def _generate(path: Path, params: SamplingParams = GREEDY, prompts=PROMPTS, setup=None, **kw):
     with LLMEngine.from_pretrained(path, **_kw(**kw)) as eng:
+        if setup is not None:
+            setup(eng)
         outs = eng.generate(prompts, params)
         assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
         pids = list(getattr(eng.runner, "worker_pids", []))
@@ -105,20 +107,23 @@ def test_tp2_packed_int4_matches_tp1(tmp_path, make_tiny_model, monkeypatch) -> 
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
 
 
-def test_tp2_centered_int4_cache_matches_tp1(tmp_path, make_tiny_model) -> None:
-    """K centering under tensor parallelism: each rank keeps its own KV heads' K means, and the int4 cache
+def test_tp2_centered_int4_cache_matches_tp1(tmp_path, make_tiny_model, with_sinks) -> None:
+    """K centering and attention sinks under tensor parallelism: each rank keeps its own KV heads' K means
+    and sink rows (entries chosen by rank 0's scheduler, sent in the step message), and the int4 cache
     (per-head quantization) gives tp 1's greedy tokens."""
     from lmkiln.quant.kv_stats import file_key, write_kv_stats
 
     src = make_tiny_model(tmp_path / "c", "llama", initializer_range=0.3)  # 2 KV heads of dim 32
     means = [3 * torch.randn(2, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     write_kv_stats(src, {file_key(i): m for i, m in enumerate(means)}, {})
-    prompts = PROMPTS[:3]
-    ref, _, _ = _generate(src, prompts=prompts, quant_policy=4)
-    with LLMEngine.from_pretrained(src, **_kw(tp=2, quant_policy=4)) as eng:
+    prompts = PROMPTS[:4]  # the first and the last share an entry
+    ref, _, _ = _generate(src, prompts=prompts, setup=with_sinks, quant_policy=4, kv_sink_entries=4)
+    with with_sinks(LLMEngine.from_pretrained(src, **_kw(tp=2, quant_policy=4, kv_sink_entries=4))) as eng:
         assert torch.equal(eng.runner.model.model.layers[1].self_attn.k_mean, means[1][:1])
         assert eng.runner.kv_cache[1].k_offset.shape == (1, 32)
         got = eng.generate(prompts, GREEDY)
+        assert eng.scheduler.sinks.num_hits >= 1 and eng.scheduler.sinks.num_refs == 0
+        assert eng.runner.kv_cache[1].sink.shape == (4, 2, 1, 32) and eng.runner.kv_cache[1].sink.any()
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
 
 
@@ -214,7 +219,7 @@ def test_killed_parent_leaves_no_worker(tiny_tp_dir) -> None:
 
 def test_step_messages_mirror_the_scheduler(make_scheduler) -> None:
     """Workers rebuild every step from new tokens only; their sequences equal rank 0's at every step."""
-    fake = make_scheduler(num_blocks=12, block_size=4, prefix=True)
+    fake = make_scheduler(num_blocks=12, block_size=4, prefix=True, sink_entries=2)
     enc, dec = StepEncoder(), StepDecoder()
     seqs = [fake.add(list(range(i, i + 5 + 3 * i)), max_tokens=16) for i in range(6)]
     sizes = []
@@ -223,8 +228,8 @@ def test_step_messages_mirror_the_scheduler(make_scheduler) -> None:
         msg = enc.encode(out)
         sizes.append(len(msg))
         got = dec.decode(msg)
-        assert [(i.start, i.num_new_tokens, i.sample) for i in got.scheduled] == [
-            (i.start, i.num_new_tokens, i.sample) for i in out.scheduled
+        assert [(i.start, i.num_new_tokens, i.sample, i.sink) for i in got.scheduled] == [
+            (i.start, i.num_new_tokens, i.sample, i.sink) for i in out.scheduled
         ]
         assert got.finished_seq_ids == out.finished_seq_ids and got.preempted_seq_ids == out.preempted_seq_ids
         for mine, theirs in zip(got.scheduled, out.scheduled, strict=True):
@@ -232,6 +237,7 @@ def test_step_messages_mirror_the_scheduler(make_scheduler) -> None:
             assert mine.seq.block_table == theirs.seq.block_table and mine.seq.params == theirs.seq.params
             assert mine.seq.num_prompt_tokens == theirs.seq.num_prompt_tokens
     assert fake.scheduler.num_preemptions > 0 and all(s.finished for s in seqs)
+    assert {i.sink for out in fake.history for i in out.scheduled} == {-1, 0, 1}  # entries travel, -1 too
     dec.decode(enc.encode(fake.scheduler.schedule()))  # the last finished ids
     assert dec.seqs == {}
     assert max(sizes[-5:]) < 2000  # decode steps send one token a sequence, not the whole history

@@ -78,6 +78,47 @@ def test_write_kv_constant_rows(bits) -> None:
     assert torch.equal(c.k[0, 1], ref.k[0, 1]) and torch.equal(c.k_sz[0, 1], ref.k_sz[0, 1])
 
 
+@pytest.mark.parametrize(
+    ("bits", "dtype", "hk", "d"),
+    [(8, torch.float16, 3, 48), (4, torch.bfloat16, 2, 32), (4, torch.float32, 5, 64)],
+)
+def test_write_kv_sinks_bit_identical_to_reference(bits, dtype, hk, d) -> None:
+    """Tokens with a sink slot also store their exact K (offset subtracted) and V in natural element order;
+    codes are unchanged; pad rows and entries past the table are skipped."""
+    from lmkiln.kernels.kv_cache import write_kv
+
+    g = torch.Generator().manual_seed(bits * d)
+    t, nblocks, page, entries = 9, 3, 8, 4
+    k = (torch.randn(t, hk, d, generator=g) * 3 + 1).to(dtype)
+    v = torch.randn(t, hk, d, generator=g).to(dtype)
+    slots = torch.randperm(nblocks * page, generator=g)[:t]
+    slots[5] = -1  # a pad row: neither its slot nor its sink entry is written
+    sink_slot = torch.tensor([2, -1, -1, 0, -1, 1, entries, -1, -1])  # token 6: past the table, skipped
+    off = (torch.randn(hk, d, generator=g) * 2).contiguous()
+    got, want = _layer(bits, dtype, nblocks, page, hk, d), _layer(bits, dtype, nblocks, page, hk, d)
+    sinks = [torch.full((entries, 2, hk, d), 7.0, dtype=dtype) for _ in range(2)]
+    write_kv(k, v, got.k, got.v, slots, got.k_sz, got.v_sz, bits, off, sinks[0], sink_slot)
+    keep = slots >= 0
+    ref_slot = torch.where(sink_slot < entries, sink_slot, -1)[keep]
+    kv = (k[keep], v[keep], want.k, want.v, slots[keep], want.k_sz, want.v_sz)
+    write_kv_ref(*kv, bits, off, sinks[1], ref_slot)
+    for a, b in zip(_copy(got), _copy(want), strict=True):
+        assert torch.equal(a, b)
+    if dtype == torch.bfloat16:  # the interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even)
+        torch.testing.assert_close(sinks[0], sinks[1], rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(sinks[0], sinks[1])
+    assert torch.equal(sinks[0][0, 1], v[3]) and torch.equal(sinks[1][2, 0], (k[0].float() - off).to(dtype))
+    assert (sinks[0][[1, 3]] == 7).all()  # the pad row's entry and an unused one are untouched
+
+
+def _sink_args(hk, d, dtype, idx, seed=0):
+    """Random sink entries (not the cache's position-0 values, so a missed substitution shows)."""
+    g = torch.Generator().manual_seed(seed + 17)
+    sink = torch.randn(3, 2, hk, d, generator=g).to(dtype)
+    return sink, torch.tensor(idx, dtype=torch.int32)
+
+
 def _batch(shapes, bits, dtype, hq, hk, d, page, seed=0, pad_rows=0):
     """A cache holding each sequence's (cached prefix + new) tokens (written by the reference; the write
     kernel is bit-identical to it), every unused block poisoned with NaN; the step's metadata and queries."""
@@ -165,6 +206,68 @@ def test_prefill_matches_reference(bits, dtype, hq, hk, d, page, block_m) -> Non
     _check_close(out, ref, dtype, q.shape[0])
 
 
+@pytest.mark.parametrize(
+    ("bits", "dtype", "hq", "hk", "d", "page", "splits"),
+    [
+        (4, torch.float32, 6, 2, 32, 16, 2),
+        (8, torch.float16, 4, 1, 64, 16, 1),
+        (4, torch.bfloat16, 3, 3, 16, 64, 3),
+    ],
+)
+def test_decode_reads_sinks(bits, dtype, hq, hk, d, page, splits) -> None:
+    """Key position 0 comes from the sequence's sink entry (only the split holding key 0 substitutes it)."""
+    from lmkiln.kernels.paged_attention import AttentionConfig, paged_decode
+
+    shapes = [(0, 1), (16, 1), (68, 1), (129, 1)]
+    c, q, bt, qsl, lens, _ = _batch(shapes, bits, dtype, hq, hk, d, page, seed=hq + d, pad_rows=1)
+    sink, idx = _sink_args(hk, d, dtype, [1, -1, 0, 2, -1], seed=d)
+    args = (c.k, c.v, bt[:4], qsl[:5], lens[:4], d**-0.5, c.k_sz, c.v_sz, bits)
+    ref = paged_attention_ref(q[:4], *args, sink, idx[:4])
+    assert not torch.allclose(ref[[0, 2, 3]], paged_attention_ref(q[:4], *args)[[0, 2, 3]], atol=0.05)
+    cfg = AttentionConfig(num_splits=splits)
+    out = paged_decode(q, c.k, c.v, bt, lens, d**-0.5, c.k_sz, c.v_sz, bits, cfg, sink=sink, sink_idx=idx)
+    _check_close(out, ref, dtype, 4)
+    assert not out[4].any()
+
+
+@pytest.mark.parametrize(
+    ("bits", "dtype", "hq", "hk", "d", "page", "block_m"),
+    [(4, torch.float32, 6, 2, 32, 16, 32), (8, torch.bfloat16, 2, 2, 32, 64, 0)],
+)
+def test_prefill_reads_sinks(bits, dtype, hq, hk, d, page, block_m) -> None:
+    """A mixed batch with prefix hits and several query tiles a sequence: every tile reads key 0's sink."""
+    from lmkiln.kernels.paged_attention import AttentionConfig, paged_prefill
+
+    shapes = [(0, 7), (37, 5), (5, 40), (12, 1), (64, 16)]
+    c, q, bt, qsl, lens, max_q = _batch(shapes, bits, dtype, hq, hk, d, page, seed=hq * d + bits)
+    sink, idx = _sink_args(hk, d, dtype, [0, 1, -1, 1, 2], seed=d)
+    ref = paged_attention_ref(q, c.k, c.v, bt, qsl, lens, d**-0.5, c.k_sz, c.v_sz, bits, sink, idx)
+    cfg = AttentionConfig(block_m=block_m, block_n=16 if block_m else 0)
+    out = paged_prefill(
+        q, c.k, c.v, bt, qsl, lens, max_q, d**-0.5, c.k_sz, c.v_sz, bits, cfg, sink=sink, sink_idx=idx
+    )
+    _check_close(out, ref, dtype, q.shape[0])
+
+
+def test_sinks_are_validated() -> None:
+    from lmkiln.kernels.kv_cache import write_kv
+    from lmkiln.kernels.paged_attention import paged_decode
+
+    c, q, bt, _, lens, _ = _batch([(5, 1), (9, 1)], 4, torch.float32, 4, 2, 32, 16)
+    sink, idx = _sink_args(2, 32, torch.float32, [0, -1])
+    args = (q, c.k, c.v, bt, lens, 1.0, c.k_sz, c.v_sz, 4)
+    with pytest.raises(KernelInputError, match=r"sink must be a contiguous \[entries, 2, 2, 32\]"):
+        paged_decode(*args, sink=sink[:, :, :1], sink_idx=idx)
+    with pytest.raises(KernelInputError, match="sink_idx must be int32"):
+        paged_decode(*args, sink=sink, sink_idx=idx.long())
+    fp = _layer(0, torch.float32, 4, 16, 2, 32)
+    with pytest.raises(KernelInputError, match="only apply to a quantized"):
+        paged_decode(q, fp.k, fp.v, bt, lens, 1.0, sink=sink, sink_idx=idx)
+    k = q[:, :2].contiguous()
+    with pytest.raises(KernelInputError, match="sink_slot must be"):
+        write_kv(k, k, c.k, c.v, torch.tensor([0, 1]), c.k_sz, c.v_sz, 4, None, sink, idx[:1])
+
+
 def test_decode_and_prefill_kernels_agree_on_a_decode_batch() -> None:
     from lmkiln.kernels.paged_attention import AttentionConfig, paged_decode, paged_prefill
 
@@ -200,21 +303,38 @@ def test_launchers_reject_bad_inputs() -> None:
         write_kv(q[:, :2], q[:, :2], c.k, c.v, torch.tensor([0.0, 1.0]), c.k_sz, c.v_sz, 4)
 
 
+def _with_sinks(eng):
+    """The engine's attention-sink table (attached here while LLMEngine does not pass sink_entries)."""
+    from lmkiln.engine.kv_sink import SinkTable
+
+    if eng.scheduler.sinks is None:
+        eng.scheduler.sinks = SinkTable(eng.config.sink_entries)
+    return eng
+
+
 def test_triton_backend_runs_the_engine_like_the_torch_backend(tiny_llama_dir, monkeypatch) -> None:
-    """Greedy tokens and logprobs of the tiny Llama (GQA 4/2) with the Triton backend (int4 cache, padded
-    decode buffers as the CUDA-graph path uses) equal the torch backend's."""
+    """Greedy tokens and logprobs of the tiny Llama (GQA 4/2) with the Triton backend (int4 cache with
+    attention sinks, padded decode buffers as the CUDA-graph path uses) equal the torch backend's."""
     from lmkiln.engine import LLMEngine, SamplingParams
     from lmkiln.engine.attention import TritonAttentionBackend
 
-    prompts = [list(range(3, 24)), [7, 8], [*range(40, 53), 5]]
+    prompts = [list(range(3, 24)), [7, 8], [3, *range(40, 53), 5]]  # two share position 0's entry
     p = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=1)
-    kw = dict(block_size=4, cache_max_entry_count=64, max_num_seqs=4, session_len=64, quant_policy=4)
-    want = LLMEngine.from_pretrained(tiny_llama_dir, **kw).generate(prompts, p)
+    kw = dict(
+        block_size=4,
+        cache_max_entry_count=64,
+        max_num_seqs=4,
+        session_len=64,
+        quant_policy=4,
+        kv_sink_entries=4,
+    )
+    want = _with_sinks(LLMEngine.from_pretrained(tiny_llama_dir, **kw)).generate(prompts, p)
     monkeypatch.setenv("LMKILN_ATTENTION", "triton")
-    eng = LLMEngine.from_pretrained(tiny_llama_dir, **kw)
+    eng = _with_sinks(LLMEngine.from_pretrained(tiny_llama_dir, **kw))
     assert isinstance(eng.runner.backend, TritonAttentionBackend)
     eng.runner.enable_decode_graphs(capture=False)
     got = eng.generate(prompts, p)
+    assert eng.scheduler.sinks.num_hits == 1 and eng.runner.kv_cache[1].sink[:2].abs().sum() > 0
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     for a, b in zip(got, want, strict=True):
         assert [x.logprob for x in a.logprobs] == pytest.approx([x.logprob for x in b.logprobs], abs=1e-4)

@@ -111,6 +111,61 @@ def test_prefill_real_shapes(bits, dtype) -> None:
         assert _rel(out[lo:hi], ref[lo:hi]) < TOL[dtype]
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sinks_on_gpu(bits, dtype) -> None:
+    """Sink rows written bit-identical to the reference (K offset subtracted; fp32 -> bf16 rounds to nearest
+    even on the GPU), and decode / prefill reading key 0 from them."""
+    from lmkiln.kernels.kv_cache import write_kv
+    from lmkiln.kernels.paged_attention import AttentionConfig, paged_decode, paged_prefill
+
+    g = torch.Generator(device=DEV).manual_seed(bits)
+    t, hk, d, entries = 300, 8, 128, 16
+    k = torch.randn(t, hk, d, device=DEV, generator=g).to(dtype) * 4
+    v = torch.randn(t, hk, d, device=DEV, generator=g).to(dtype)
+    off = torch.randn(hk, d, device=DEV, generator=g)
+    slots = torch.arange(t, device=DEV)
+    sink_slot = torch.full((t,), -1, dtype=torch.long, device=DEV)
+    sink_slot[::37] = torch.arange(9, device=DEV)  # tokens 0, 37, ... into entries 0..8
+    a, b = (
+        KVCache(1, 8, 64, hk, d, dtype, DEV, quant_policy=bits, sink_entries=entries)[0] for _ in range(2)
+    )
+    write_kv(k, v, a.k, a.v, slots, a.k_sz, a.v_sz, bits, off, a.sink, sink_slot)
+    write_kv_ref(k, v, b.k, b.v, slots, b.k_sz, b.v_sz, bits, off, b.sink, sink_slot)
+    for name in ("k", "v", "k_sz", "v_sz", "sink"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+    sink = torch.randn(4, 2, hk, d, device=DEV, generator=g).to(dtype)
+    c, q, bt, qsl, lens, _ = _batch([(4095, 1), (0, 1), (776, 1)], bits, dtype, 32, hk, d, 64, pad_rows=1)
+    idx = torch.tensor([2, 0, -1, -1], dtype=torch.int32, device=DEV)
+    ref = paged_attention_ref(
+        q[:3], c.k, c.v, bt[:3], qsl[:4], lens[:3], d**-0.5, c.k_sz, c.v_sz, bits, sink, idx[:3]
+    )
+    for splits in (1, 8):
+        out = paged_decode(
+            q,
+            c.k,
+            c.v,
+            bt,
+            lens,
+            d**-0.5,
+            c.k_sz,
+            c.v_sz,
+            bits,
+            AttentionConfig(num_splits=splits),
+            sink=sink,
+            sink_idx=idx,
+        )
+        assert _rel(out[:3], ref) < TOL[dtype] and _rel(out[1:2], ref[1:2]) < TOL[dtype], splits
+        assert not out[3:].any()
+    c, q, bt, qsl, lens, max_q = _batch([(0, 300), (1000, 100)], bits, dtype, 32, hk, d, 64, seed=1)
+    idx = torch.tensor([1, 3], dtype=torch.int32, device=DEV)
+    ref = paged_attention_ref(q, c.k, c.v, bt, qsl, lens, d**-0.5, c.k_sz, c.v_sz, bits, sink, idx)
+    args = (c.k, c.v, bt, qsl, lens, max_q, d**-0.5, c.k_sz, c.v_sz, bits)
+    out = paged_prefill(q, *args, sink=sink, sink_idx=idx)
+    assert _rel(out, ref) < TOL[dtype]
+
+
 def test_fp32_queries_on_gpu() -> None:
     from lmkiln.kernels.paged_attention import AttentionConfig, paged_decode, paged_prefill
 

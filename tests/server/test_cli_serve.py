@@ -120,3 +120,16 @@ def test_chat_command(monkeypatch, capsys, smollm2_dir) -> None:
     code = main(["chat", str(smollm2_dir), "--device", "cpu", "--cache-max-entry-count", "16",
                  "--session-len", "128", "--max-new-tokens", "3", "--temperature", "0"])
     assert code == 0 and "lmkiln chat" in capsys.readouterr().out
+
+
+def test_kv_sink_entries_flag(tiny_llama_dir) -> None:
+    from lmkiln.cli import _engine_options, build_parser
+
+    p = build_parser()
+    a = p.parse_args(["serve", "api_server", str(tiny_llama_dir), "--quant-policy", "4",
+                      "--kv-sink-entries", "8"])
+    assert engine_config(_engine_options(a)).sink_entries == 8
+    a = p.parse_args(["chat", str(tiny_llama_dir), "--quant-policy", "4"])
+    assert engine_config(_engine_options(a)).kv_sink_entries == 64  # on by default for quantized caches
+    a = p.parse_args(["eval", "ppl-engine", str(tiny_llama_dir), "--out", "x.json", "--kv-sink-entries", "0"])
+    assert a.kv_sink_entries == 0 and a.quant_policy == [0, 8, 4]
