@@ -101,6 +101,7 @@ class LLMEngine:
             max_num_seqs,
             config.max_num_batched_tokens or config.max_prefill_token_num,
             config.max_prefill_token_num,
+            sink_entries=config.sink_entries,
         )
         self.runner = runner or ModelRunner(loaded, num_blocks, config)
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer(Path(config.model_dir))

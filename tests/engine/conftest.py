@@ -120,18 +120,3 @@ def drain():
     return run_to_completion
 
 
-def attach_sinks(eng):
-    """``eng`` with the attention-sink table its config asks for (``config.sink_entries``). LLMEngine builds
-    its Scheduler without ``sink_entries`` until lmkiln/engine/llm_engine.py passes it; until then tests
-    attach the table here (a no-op once the engine does)."""
-    from lmkiln.engine.kv_sink import SinkTable
-
-    if eng.scheduler.sinks is None and eng.config.sink_entries:
-        eng.scheduler.sinks = SinkTable(eng.config.sink_entries)
-    return eng
-
-
-@pytest.fixture()
-def with_sinks():
-    """:func:`attach_sinks`."""
-    return attach_sinks

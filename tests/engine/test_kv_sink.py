@@ -131,11 +131,6 @@ def test_abort_and_sessions_release_their_entries(make_scheduler) -> None:
 def test_the_engine_gives_its_scheduler_the_table(tiny_llama_dir) -> None:
     kw = dict(block_size=4, cache_max_entry_count=16, session_len=64)
     eng = LLMEngine.from_pretrained(tiny_llama_dir, quant_policy=4, kv_sink_entries=5, **kw)
-    if eng.scheduler.sinks is None:
-        pytest.skip(
-            "LLMEngine does not pass config.sink_entries to its Scheduler yet (one argument in "
-            "lmkiln/engine/llm_engine.py); the other tests attach the table themselves"
-        )
     assert eng.scheduler.sinks.num_entries == eng.runner.kv_cache.sink_entries == 5
     fp = LLMEngine.from_pretrained(tiny_llama_dir, quant_policy=0, kv_sink_entries=5, **kw)
     assert fp.scheduler.sinks is None
@@ -219,7 +214,7 @@ def _run(eng, params, late) -> list:
     return [final[i] for i in ids]
 
 
-def test_padded_decode_path_with_sinks_matches_eager(tiny_llama_dir, with_sinks) -> None:
+def test_padded_decode_path_with_sinks_matches_eager(tiny_llama_dir) -> None:
     p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
     kw = dict(
         block_size=4,
@@ -229,8 +224,8 @@ def test_padded_decode_path_with_sinks_matches_eager(tiny_llama_dir, with_sinks)
         quant_policy=4,
         kv_sink_entries=4,
     )
-    want = _run(with_sinks(LLMEngine.from_pretrained(tiny_llama_dir, **kw)), p, [9])
-    eng = with_sinks(LLMEngine.from_pretrained(tiny_llama_dir, **kw))
+    want = _run(LLMEngine.from_pretrained(tiny_llama_dir, **kw), p, [9])
+    eng = LLMEngine.from_pretrained(tiny_llama_dir, **kw)
     runner = eng.runner
     runner.backend = PadSkippingBackend()
     runner.enable_decode_graphs(capture=False)
@@ -252,7 +247,7 @@ def smol(smollm2_dir):
     return load_model(smollm2_dir, "cpu", "float32")
 
 
-def test_sinks_bring_int4_closer_to_the_fp_cache(smollm2_dir, smol, smollm2_tokenizer, with_sinks) -> None:
+def test_sinks_bring_int4_closer_to_the_fp_cache(smollm2_dir, smol, smollm2_tokenizer) -> None:
     """SmolLM2-135M: perplexity on 192 tokens of Pride and Prejudice (chunks of 64 read the cache) through the
     scheduler's table. Chat prompts (all starting with <|im_start|>) share one entry; the fp cache ignores
     kv_sink_entries (same greedy tokens and logprobs with 64 or 0)."""
@@ -283,7 +278,7 @@ def test_sinks_bring_int4_closer_to_the_fp_cache(smollm2_dir, smol, smollm2_toke
             max_prefill_token_num=24,
             session_len=256,
         )
-        eng = with_sinks(LLMEngine(cfg, loaded=smol))
+        eng = LLMEngine(cfg, loaded=smol)
         if (policy, entries) != (0, 0):
             ppl[policy, entries] = engine_perplexity(eng, windows, chunk=64)
         if policy == 0 or entries:

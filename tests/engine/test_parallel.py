@@ -52,10 +52,8 @@ def tiny_tp_dir(tmp_path, make_tiny_model) -> Path:
                            tie_word_embeddings=True, initializer_range=0.3)
 
 
-def _generate(path: Path, params: SamplingParams = GREEDY, prompts=PROMPTS, setup=None, **kw):
+def _generate(path: Path, params: SamplingParams = GREEDY, prompts=PROMPTS, **kw):
     with LLMEngine.from_pretrained(path, **_kw(**kw)) as eng:
-        if setup is not None:
-            setup(eng)
         outs = eng.generate(prompts, params)
         assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
         pids = list(getattr(eng.runner, "worker_pids", []))
@@ -107,7 +105,7 @@ def test_tp2_packed_int4_matches_tp1(tmp_path, make_tiny_model, monkeypatch) -> 
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
 
 
-def test_tp2_centered_int4_cache_matches_tp1(tmp_path, make_tiny_model, with_sinks) -> None:
+def test_tp2_centered_int4_cache_matches_tp1(tmp_path, make_tiny_model) -> None:
     """K centering and attention sinks under tensor parallelism: each rank keeps its own KV heads' K means
     and sink rows (entries chosen by rank 0's scheduler, sent in the step message), and the int4 cache
     (per-head quantization) gives tp 1's greedy tokens."""
@@ -117,8 +115,8 @@ def test_tp2_centered_int4_cache_matches_tp1(tmp_path, make_tiny_model, with_sin
     means = [3 * torch.randn(2, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     write_kv_stats(src, {file_key(i): m for i, m in enumerate(means)}, {})
     prompts = PROMPTS[:4]  # the first and the last share an entry
-    ref, _, _ = _generate(src, prompts=prompts, setup=with_sinks, quant_policy=4, kv_sink_entries=4)
-    with with_sinks(LLMEngine.from_pretrained(src, **_kw(tp=2, quant_policy=4, kv_sink_entries=4))) as eng:
+    ref, _, _ = _generate(src, prompts=prompts, quant_policy=4, kv_sink_entries=4)
+    with LLMEngine.from_pretrained(src, **_kw(tp=2, quant_policy=4, kv_sink_entries=4)) as eng:
         assert torch.equal(eng.runner.model.model.layers[1].self_attn.k_mean, means[1][:1])
         assert eng.runner.kv_cache[1].k_offset.shape == (1, 32)
         got = eng.generate(prompts, GREEDY)

@@ -303,15 +303,6 @@ def test_launchers_reject_bad_inputs() -> None:
         write_kv(q[:, :2], q[:, :2], c.k, c.v, torch.tensor([0.0, 1.0]), c.k_sz, c.v_sz, 4)
 
 
-def _with_sinks(eng):
-    """The engine's attention-sink table (attached here while LLMEngine does not pass sink_entries)."""
-    from lmkiln.engine.kv_sink import SinkTable
-
-    if eng.scheduler.sinks is None:
-        eng.scheduler.sinks = SinkTable(eng.config.sink_entries)
-    return eng
-
-
 def test_triton_backend_runs_the_engine_like_the_torch_backend(tiny_llama_dir, monkeypatch) -> None:
     """Greedy tokens and logprobs of the tiny Llama (GQA 4/2) with the Triton backend (int4 cache with
     attention sinks, padded decode buffers as the CUDA-graph path uses) equal the torch backend's."""
@@ -328,9 +319,9 @@ def test_triton_backend_runs_the_engine_like_the_torch_backend(tiny_llama_dir, m
         quant_policy=4,
         kv_sink_entries=4,
     )
-    want = _with_sinks(LLMEngine.from_pretrained(tiny_llama_dir, **kw)).generate(prompts, p)
+    want = LLMEngine.from_pretrained(tiny_llama_dir, **kw).generate(prompts, p)
     monkeypatch.setenv("LMKILN_ATTENTION", "triton")
-    eng = _with_sinks(LLMEngine.from_pretrained(tiny_llama_dir, **kw))
+    eng = LLMEngine.from_pretrained(tiny_llama_dir, **kw)
     assert isinstance(eng.runner.backend, TritonAttentionBackend)
     eng.runner.enable_decode_graphs(capture=False)
     got = eng.generate(prompts, p)
