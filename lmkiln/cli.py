@@ -192,7 +192,19 @@ def _add_engine_args(p: argparse.ArgumentParser, cache_default: str = "0.8") -> 
     p.add_argument("--enable-prefix-caching", action="store_true", help="reuse KV blocks of shared prefixes")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs for decode (the oracle)")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="wait for each step's tokens before scheduling the next (by default the next step is "
+                        "launched first, so the GPU does not wait for the host)")
     p.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG | INFO | WARNING | ERROR")
+
+
+def _engine_extra(a: argparse.Namespace) -> dict[str, bool]:
+    extra = {}
+    if getattr(a, "eager", False):
+        extra["eager"] = True
+    if getattr(a, "no_async_scheduling", False):
+        extra["async_scheduling"] = False
+    return extra
 
 
 def _engine_options(a: argparse.Namespace):
@@ -205,7 +217,7 @@ def _engine_options(a: argparse.Namespace):
             f"--cache-max-entry-count must be a number, got {a.cache_max_entry_count!r}") from None
     return EngineOptions(a.model_dir, a.model_format, a.quant_policy, a.tp, cache, a.session_len,
                          a.max_batch_size, a.enable_prefix_caching, a.device,
-                         extra={"eager": True} if getattr(a, "eager", False) else {},
+                         extra=_engine_extra(a),
                          kv_sink_entries=a.kv_sink_entries)
 
 

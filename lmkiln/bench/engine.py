@@ -138,7 +138,8 @@ def _pct(xs: list[float], p: float) -> float:
 
 
 def _engine(model_dir: Path, loaded: Any, device: str, max_num_seqs: int, session_len: int,
-            quant_policy: int = 0, eager: bool = False, cache: float | int | None = None) -> Any:
+            quant_policy: int = 0, eager: bool = False, cache: float | int | None = None,
+            async_scheduling: bool = True) -> Any:
     from lmkiln.engine import LLMEngine
     from lmkiln.engine.config import EngineConfig
 
@@ -146,7 +147,7 @@ def _engine(model_dir: Path, loaded: Any, device: str, max_num_seqs: int, sessio
         cache = 0.85 if loaded.device.type == "cuda" else max_num_seqs * -(-session_len // 64)
     cfg = EngineConfig(model_dir, device=device, cache_max_entry_count=cache, max_num_seqs=max_num_seqs,
                        session_len=session_len, quant_policy=quant_policy, eager=eager, verify_artifact=False,
-                       max_prefill_token_num=8192)
+                       max_prefill_token_num=8192, async_scheduling=async_scheduling)
     return LLMEngine(cfg, tokenizer=None, loaded=loaded)
 
 
@@ -405,6 +406,13 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                                               vocab)
         del eng
         _free()
+        if a.compare_sync and not a.skip_decode:  # the same engine waiting for every step's tokens
+            eng = _engine(path, loaded, str(device), max_seqs, session_len, eager=a.eager,
+                          async_scheduling=False)
+            report["decode"][f"{name}-sync"] = bench_decode_ours(
+                eng, a.batch_sizes, a.prompt_len, a.output_len, vocab)
+            del eng
+            _free()
         for q in (p for p in a.decode_quant_policy if p and not a.skip_decode):  # over a quantized KV cache
             eng = _engine(path, loaded, str(device), max_seqs, session_len, q, a.eager)
             report["decode"][f"{name}-kv{q}"] = bench_decode_ours(
@@ -479,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-turn-len", type=int, default=64, help="new prompt tokens each turn")
     p.add_argument("--session-output-len", type=int, default=32)
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (the oracle)")
+    p.add_argument("--compare-sync", action="store_true",
+                   help="also decode without async scheduling (rows ours-<variant>-sync)")
     p.add_argument("--skip-hf", action="store_true", help="no transformers baseline")
     p.add_argument("--skip-hf-int4", action="store_true", help="no transformers + tinygemm int4 baseline")
     p.add_argument("--skip-decode", action="store_true", help="no decode sweep of our engine")

@@ -43,6 +43,8 @@ class EngineConfig:
     seed: int = 0
     verify_artifact: bool = True  # check every artifact file against its sha256 in manifest.json on load
     tp: int = 1  # tensor parallel degree: ranks (GPUs of one host) the model is split over
+    # schedule and launch step N+1 before step N's sampled tokens reach the host (one rank; see LLMEngine)
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)

@@ -3,6 +3,16 @@
 An engine step is: ``scheduler.schedule()`` -> ``runner.execute()`` -> ``scheduler.update()`` -> detokenize,
 match stop strings and build :class:`RequestOutput` s. New requests may be added and old ones aborted between
 any two steps (continuous batching).
+
+Async scheduling (``EngineConfig.async_scheduling``, the default on one rank; vLLM v1 does the same): step
+N+1 is scheduled and launched while step N still runs on the device, and only then does the host wait for
+step N's tokens, fill them in (``scheduler.commit``) and build N's outputs, so the GPU does not idle while
+the host schedules, prepares inputs and detokenizes. Step N+1's decode inputs are step N's tokens, copied on
+the device; the sequences carry a pending token meanwhile (``scheduler.advance``). A sequence that stops on
+step N's token has one wasted row in step N+1, whose token is dropped. A step is not overlapped (the host
+waits for the step in flight first) while a running sequence uses repetition/presence/frequency penalties
+(the sampler reads its token history) or has reached its length limit. :meth:`LLMEngine.step` then returns
+the outputs of the step before the one it launched.
 """
 
 from __future__ import annotations
@@ -20,8 +30,8 @@ from lmkiln.engine.config import EngineConfig
 from lmkiln.engine.detokenizer import IncrementalDetokenizer
 from lmkiln.engine.errors import EngineConfigError, RequestError
 from lmkiln.engine.loader import LoadedModel, load_model
-from lmkiln.engine.model_runner import ModelRunner, plan_num_blocks
-from lmkiln.engine.outputs import Logprobs, SchedulerOutput
+from lmkiln.engine.model_runner import ModelRunner, PendingStep, plan_num_blocks
+from lmkiln.engine.outputs import Logprobs, ModelRunnerOutput, SchedulerOutput
 from lmkiln.engine.parallel import ParallelModelRunner, ShardBuilder
 from lmkiln.engine.request_output import RequestOutput
 from lmkiln.engine.sampling_params import SamplingParams
@@ -109,6 +119,9 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._seq_ids = SequenceCounter()
         self.last_schedule: SchedulerOutput | None = None
+        # async scheduling needs the runner's launch(); tensor-parallel steps run synchronously
+        self.async_scheduling = config.async_scheduling and isinstance(self.runner, ModelRunner)
+        self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **kwargs: Any) -> LLMEngine:
@@ -191,7 +204,7 @@ class LLMEngine:
         return self.scheduler.end_session(session_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished()  # a step in flight holds only running or finished sequences
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -200,11 +213,42 @@ class LLMEngine:
     # -------------------------------------------------------------------------------------------- step
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; outputs of the requests that got a token or finished."""
+        """Run one scheduled step; outputs of the requests that got a token or finished (with async
+        scheduling: launch one step, return the outputs of the one before)."""
+        if not self.async_scheduling:
+            sched = self.scheduler.schedule()
+            self.last_schedule = sched
+            result = self.runner.execute(sched)
+            return self._outputs(sched, self.scheduler.update(sched, result), result)
+        prev, self._inflight = self._inflight, None
+        outputs: list[RequestOutput] = []
+        if prev is not None and not self._can_overlap():
+            outputs, prev = self._complete(*prev), None
         sched = self.scheduler.schedule()
         self.last_schedule = sched
-        result = self.runner.execute(sched)
-        touched = self.scheduler.update(sched, result)
+        pending = self.runner.launch(sched, prev[1] if prev is not None else None)
+        if prev is not None:
+            outputs += self._complete(*prev)  # the host reads step N's tokens while step N + 1 runs
+        self.scheduler.advance(sched)
+        if not sched.is_empty:
+            self._inflight = (sched, pending)
+        return outputs
+
+    def _can_overlap(self) -> bool:
+        """Whether the next step may be scheduled before the step in flight returns its tokens."""
+        for seq in self.scheduler.running:
+            p = seq.params
+            if p.has_penalties or seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.session_len:
+                return False
+        return True
+
+    def _complete(self, sched: SchedulerOutput, pending: PendingStep) -> list[RequestOutput]:
+        result = pending.result()
+        return self._outputs(sched, self.scheduler.commit(sched, result), result)
+
+    def _outputs(
+        self, sched: SchedulerOutput, touched: list[Sequence], result: ModelRunnerOutput
+    ) -> list[RequestOutput]:
         for seq_id, lp in zip(result.seq_ids, result.logprobs, strict=True):
             if lp is not None:
                 seq = next(s.seq for s in sched.scheduled if s.seq.seq_id == seq_id)

@@ -11,6 +11,10 @@ fixed ``max_blocks = ceil(session_len / block_size)`` columns and ``max_seq_len`
 ``max_blocks * block_size``. Prefill and mixed steps, and ``EngineConfig.eager`` (the oracle), run eagerly.
 Logits and sampling stay outside the graphs.
 
+With async scheduling a decode input may be a token the previous step sampled but the host has not read
+(:data:`~lmkiln.engine.sequence.PENDING_TOKEN`): :meth:`ModelRunner.launch` takes that step's
+:class:`PendingStep` and copies those tokens on the device, so the host never waits for the GPU in between.
+
 A quantized cache with attention sinks (``EngineConfig.sink_entries``) gets two more inputs a step: each
 sequence's sink entry (``sink_idx``, read for its key position 0) and, per token, the entry its exact K/V is
 written to (``sink_slot``: set only for position 0 of a sequence with an entry). Pad rows have -1 for both.
@@ -32,8 +36,9 @@ from lmkiln.engine.config import EngineConfig
 from lmkiln.engine.errors import CacheMemoryError, EngineConfigError
 from lmkiln.engine.kv_cache import KVCache
 from lmkiln.engine.loader import GIB, LoadedModel
-from lmkiln.engine.outputs import ModelRunnerOutput, SchedulerOutput
+from lmkiln.engine.outputs import Logprobs, ModelRunnerOutput, SchedulerOutput
 from lmkiln.engine.sampler import Sampler
+from lmkiln.engine.sequence import PENDING_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +126,8 @@ class StepInputs:
     logits_rows: list[int] = field(default_factory=list)
     sink_idx: list[int] | None = None  # per sequence (None: the cache has no sinks)
     sink_slot: list[int] | None = None  # per token
+    pending_rows: list[int] = field(default_factory=list)  # rows whose input is a pending token (0 here)
+    pending_seqs: list[int] = field(default_factory=list)  # ... and their sequences' ids
 
     @property
     def num_seqs(self) -> int:
@@ -234,8 +241,9 @@ class DecodeGraphs:
             and all(len(t) <= self.max_blocks for t in step.block_tables)
         )
 
-    def run(self, step: StepInputs) -> torch.Tensor:
-        """Hidden states ``[n, hidden]`` of a decode step (replayed if captured)."""
+    def run(self, step: StepInputs, pending: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Hidden states ``[n, hidden]`` of a decode step (replayed if captured); ``pending``: ``(rows,
+        tokens)`` device tensors written into the input ids first (tokens sampled by the step in flight)."""
         n = step.num_seqs
         b = pick_bucket(self.sizes, n)
         if b is None:
@@ -254,12 +262,29 @@ class DecodeGraphs:
             inputs.append((self.sink_slot, p.sink_slot or [-1] * b, torch.long))
         for buf, values, dtype in inputs:
             buf[:b].copy_(torch.tensor(values, dtype=dtype).to(dev, non_blocking=True))
+        if pending is not None:
+            self.input_ids.index_copy_(0, *pending)
         graph = self.graphs.get(b)
         if graph is not None:
             graph.replay()
         else:
             self._forward(b)
         return self.hidden[:n]
+
+
+@dataclass
+class PendingStep:
+    """A launched step: the ids of the sequences that sample and their tokens, still on the device."""
+
+    seq_ids: list[int] = field(default_factory=list)
+    tokens: torch.Tensor | None = None  # [len(seq_ids)] int64
+    logprobs: list[Logprobs | None] = field(default_factory=list)
+
+    def result(self) -> ModelRunnerOutput:
+        """The sampled tokens on the host (waits for the step: its one host sync)."""
+        if self.tokens is None:
+            return ModelRunnerOutput()
+        return ModelRunnerOutput(self.seq_ids, self.tokens.tolist(), self.logprobs)
 
 
 class ModelRunner:
@@ -366,7 +391,12 @@ class ModelRunner:
             step.sink_idx, step.sink_slot = [], []
         for item in out.scheduled:
             seq, start, n = item.seq, item.start, item.num_new_tokens
-            step.input_ids.extend(seq.token_ids[start : start + n])
+            ids = seq.token_ids[start : start + n]
+            if ids and ids[-1] == PENDING_TOKEN:  # only a sequence's last token can still be on the device
+                step.pending_rows.append(len(step.input_ids) + n - 1)
+                step.pending_seqs.append(seq.seq_id)
+                ids = [*ids[:-1], 0]
+            step.input_ids.extend(ids)
             table = seq.block_table
             for p in range(start, start + n):
                 step.positions.append(p)
@@ -408,10 +438,31 @@ class ModelRunner:
             meta.sink_slot = as_tensor(step.sink_slot, torch.long)
         return as_tensor(step.input_ids, torch.long), as_tensor(step.positions, torch.long), meta
 
-    def _hidden(self, step: StepInputs, eager: bool = False) -> torch.Tensor:
+    def _pending(
+        self, step: StepInputs, prev: PendingStep | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(rows, tokens)`` on the device for the step's pending inputs, taken from ``prev``'s samples."""
+        if not step.pending_rows:
+            return None
+        where = {sid: i for i, sid in enumerate(prev.seq_ids)} if prev is not None else {}
+        if prev is None or prev.tokens is None or any(s not in where for s in step.pending_seqs):
+            raise RuntimeError(
+                f"sequences {step.pending_seqs} have a pending token but the step in flight did not sample "
+                "them (engine bug)"
+            )
+        dev = self.device
+        rows = torch.tensor(step.pending_rows).to(dev, non_blocking=True)
+        src = torch.tensor([where[s] for s in step.pending_seqs]).to(dev, non_blocking=True)
+        return rows, prev.tokens.index_select(0, src)
+
+    def _hidden(
+        self, step: StepInputs, eager: bool = False, pending: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         if not eager and self.decode_graphs is not None and self.decode_graphs.can_run(step):
-            return self.decode_graphs.run(step)
+            return self.decode_graphs.run(step, pending)
         input_ids, positions, meta = self._prepare(step)
+        if pending is not None:
+            input_ids.index_copy_(0, *pending)
         return self.model.forward_paged(input_ids, positions, self.kv_cache.layers, meta, self.backend)
 
     @torch.inference_mode()
@@ -419,21 +470,25 @@ class ModelRunner:
         """Logits ``[T, vocab]`` of every scheduled token (eager; for prompt logprobs and perplexity)."""
         return self.model.compute_logits(self._hidden(self._collect(out), eager=True))
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        """Run a step and wait for its sampled tokens."""
+        return self.launch(out).result()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, prev: PendingStep | None = None) -> PendingStep:
+        """Queue a step's forward and sampling on the device and return at once (no host sync for greedy
+        and plain temperature sampling). ``prev``: the step still in flight, whose sampled tokens are the
+        inputs of this step's pending rows."""
         self.sampler.forget(out.finished_seq_ids)
         if out.is_empty:
-            return ModelRunnerOutput()
+            return PendingStep()
         step = self._collect(out)
-        hidden = self._hidden(step)
+        hidden = self._hidden(step, pending=self._pending(step, prev))
         rows = step.logits_rows
         sampling = [item.seq for item in out.scheduled if item.sample]
         if not sampling:
-            return ModelRunnerOutput()
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
-        sampled = self.sampler(logits, sampling)
-        return ModelRunnerOutput(
-            seq_ids=[s.seq_id for s in sampling],
-            token_ids=sampled.token_ids.tolist(),  # the step's one host sync
-            logprobs=sampled.logprobs,
-        )
+            return PendingStep()
+        if rows[-1] != len(rows) - 1 or len(rows) != hidden.shape[0]:  # not simply every row, in order
+            hidden = hidden[torch.tensor(rows).to(hidden.device, non_blocking=True)]
+        sampled = self.sampler(self.model.compute_logits(hidden), sampling)
+        return PendingStep([s.seq_id for s in sampling], sampled.token_ids, sampled.logprobs)

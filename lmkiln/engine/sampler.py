@@ -71,6 +71,11 @@ def apply_filters(
     return logits.masked_fill(mask, float("-inf"))
 
 
+def _to(values: list, device: torch.device) -> torch.Tensor:
+    """A small host list on ``device`` without a host sync (``torch.tensor(..., device=cuda)`` waits)."""
+    return torch.tensor(values).to(device, non_blocking=True)
+
+
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -109,12 +114,12 @@ class Sampler:
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if sampled:
             sub = logits[sampled]
-            temp = torch.tensor([seqs[i].params.temperature for i in sampled], device=device)
+            temp = _to([seqs[i].params.temperature for i in sampled], device)
             sub = sub / temp[:, None]
             if any(seqs[i].params.has_filters for i in sampled):
-                top_k = torch.tensor([seqs[i].params.top_k for i in sampled], device=device)
-                top_p = torch.tensor([seqs[i].params.top_p for i in sampled], device=device)
-                min_p = torch.tensor([seqs[i].params.min_p for i in sampled], device=device)
+                top_k = _to([seqs[i].params.top_k for i in sampled], device)
+                top_p = _to([seqs[i].params.top_p for i in sampled], device)
+                min_p = _to([seqs[i].params.min_p for i in sampled], device)
                 sub = apply_filters(sub, top_k, top_p, min_p)
             probs = sub.softmax(dim=-1)
             noise = torch.empty_like(probs)

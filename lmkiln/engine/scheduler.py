@@ -24,7 +24,7 @@ from lmkiln.engine.block_manager import BlockManager
 from lmkiln.engine.errors import RequestError
 from lmkiln.engine.kv_sink import SinkTable
 from lmkiln.engine.outputs import ModelRunnerOutput, ScheduledSequence, SchedulerOutput
-from lmkiln.engine.sequence import Sequence, SequenceStatus
+from lmkiln.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 from lmkiln.engine.session import SessionManager
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,8 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
         seq.status = status
+        if seq.has_pending_token:  # finished while a step sampling for it runs: that token is dropped
+            seq.token_ids.pop()
         self._release_sink(seq)
         self.sessions.detach(seq)  # a session keeps a finished (not an aborted) turn's blocks
         self.block_manager.free(seq)
@@ -276,20 +278,41 @@ class Scheduler:
     def update(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[Sequence]:
         """Advance the scheduled sequences by what ran; append sampled tokens; finish on stop/length.
 
-        Returns the sequences that received a token (finished ones included).
+        Returns the sequences that received a token (finished ones included). The same as
+        :meth:`advance` then :meth:`commit`.
         """
-        sampled = dict(zip(result.seq_ids, result.token_ids, strict=True))
-        touched: list[Sequence] = []
+        self.advance(out)
+        return self.commit(out, result)
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """A launched step's tokens count as computed; every sequence that samples gets a pending token.
+
+        With async scheduling the engine calls this right after launching a step, before its sampled tokens
+        reach the host, so the next step can be scheduled (the pending token is that step's decode input,
+        read on the device); :meth:`commit` fills the values in.
+        """
         for item in out.scheduled:
             seq = item.seq
             if seq.finished:
                 continue
             seq.num_computed_tokens = item.start + item.num_new_tokens
             self.block_manager.cache_full_blocks(seq)
-            if not item.sample:
+            if item.sample:
+                seq.append_token(PENDING_TOKEN)
+
+    def commit(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[Sequence]:
+        """Fill in the sampled tokens of an advanced step; finish sequences on stop token / length.
+
+        Sequences finished in between (aborted, or stopped by their previous token while this step ran)
+        are skipped. Returns the sequences that received a token (finished ones included)."""
+        sampled = dict(zip(result.seq_ids, result.token_ids, strict=True))
+        touched: list[Sequence] = []
+        for item in out.scheduled:
+            seq = item.seq
+            if not item.sample or seq.finished:
                 continue
             token = sampled[seq.seq_id]
-            seq.append_token(token)
+            seq.fill_pending(token)
             touched.append(seq)
             if token in seq.stop_ids and seq.num_output_tokens > seq.params.min_tokens:
                 self.finish(seq, SequenceStatus.FINISHED_STOPPED)

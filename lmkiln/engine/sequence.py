@@ -8,6 +8,8 @@ import time
 
 from lmkiln.engine.sampling_params import SamplingParams
 
+PENDING_TOKEN = -1  # a sampled token still on the device (async scheduling); see Sequence.fill_pending
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
@@ -95,9 +97,22 @@ class Sequence:
         return self.status.value if self.status.finished else None
 
     def append_token(self, token_id: int) -> None:
-        if self.first_token_time is None:
+        """Append a sampled token, or :data:`PENDING_TOKEN` for one the device has not returned yet."""
+        if self.first_token_time is None and token_id != PENDING_TOKEN:
             self.first_token_time = time.monotonic()
         self.token_ids.append(token_id)
+
+    @property
+    def has_pending_token(self) -> bool:
+        return bool(self.token_ids) and self.token_ids[-1] == PENDING_TOKEN
+
+    def fill_pending(self, token_id: int) -> None:
+        """The sampled value of the trailing :data:`PENDING_TOKEN`."""
+        if not self.has_pending_token:
+            raise RuntimeError(f"{self!r} has no pending token to fill (engine bug)")
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        self.token_ids[-1] = token_id
 
     def __repr__(self) -> str:
         return (
