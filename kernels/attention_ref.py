@@ -38,7 +38,10 @@ INT4_CLIP_STEP = 0.05  # ratios 1.0, 0.95, ..., 0.8
 
 
 def _codes(xf: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmax: int) -> tuple[torch.Tensor, ...]:
-    scale = ((hi - lo) / qmax).clamp(min=1e-8).half().float()  # round-trip through the stored dtype
+    # Divide by a tensor: on CUDA, torch turns a division by a Python scalar into a multiplication by its
+    # reciprocal, which is not correctly rounded (the kernel divides with div_rn; a 1-ulp difference can
+    # round the fp16 scale the other way). Then round-trip through the stored dtype.
+    scale = ((hi - lo) / torch.full_like(hi, qmax)).clamp(min=1e-8).half().float()
     zero = lo.half().float()
     return torch.round((xf - zero) / scale).clamp(0, qmax), scale, zero
 
