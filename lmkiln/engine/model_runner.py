@@ -39,6 +39,7 @@ from lmkiln.engine.loader import GIB, LoadedModel
 from lmkiln.engine.outputs import Logprobs, ModelRunnerOutput, SchedulerOutput
 from lmkiln.engine.sampler import Sampler
 from lmkiln.engine.sequence import PENDING_TOKEN
+from lmkiln.engine.transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +262,7 @@ class DecodeGraphs:
             inputs.append((self.sink_idx, p.sink_idx or [-1] * b, torch.int32))
             inputs.append((self.sink_slot, p.sink_slot or [-1] * b, torch.long))
         for buf, values, dtype in inputs:
-            buf[:b].copy_(torch.tensor(values, dtype=dtype).to(dev, non_blocking=True))
+            buf[:b].copy_(to_device(values, dtype, dev))
         if pending is not None:
             self.input_ids.index_copy_(0, *pending)
         graph = self.graphs.get(b)
@@ -274,17 +275,35 @@ class DecodeGraphs:
 
 @dataclass
 class PendingStep:
-    """A launched step: the ids of the sequences that sample and their tokens, still on the device."""
+    """A launched step: the ids of the sequences that sample and their tokens, still on the device.
+
+    On CUDA the tokens' copy to (pinned) host memory is queued right behind the step's sampler, with an
+    event: :meth:`result` waits for that event only, not for steps launched after this one (a plain
+    ``tokens.tolist()`` would queue its copy behind them)."""
 
     seq_ids: list[int] = field(default_factory=list)
-    tokens: torch.Tensor | None = None  # [len(seq_ids)] int64
+    tokens: torch.Tensor | None = None  # [len(seq_ids)] int64, on the device
     logprobs: list[Logprobs | None] = field(default_factory=list)
+    host: torch.Tensor | None = None  # the tokens' host copy (filled when `ready` fires)
+    ready: torch.cuda.Event | None = None
+
+    @classmethod
+    def of(cls, seq_ids: list[int], tokens: torch.Tensor, logprobs: list[Logprobs | None]) -> PendingStep:
+        if tokens.device.type != "cuda":
+            return cls(seq_ids, tokens, logprobs, tokens)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(seq_ids, tokens, logprobs, host, ready)
 
     def result(self) -> ModelRunnerOutput:
-        """The sampled tokens on the host (waits for the step: its one host sync)."""
-        if self.tokens is None:
+        """The sampled tokens on the host (waits for this step: its one host sync)."""
+        if self.host is None:
             return ModelRunnerOutput()
-        return ModelRunnerOutput(self.seq_ids, self.tokens.tolist(), self.logprobs)
+        if self.ready is not None:
+            self.ready.synchronize()
+        return ModelRunnerOutput(self.seq_ids, self.host.tolist(), self.logprobs)
 
 
 class ModelRunner:
@@ -423,7 +442,7 @@ class ModelRunner:
         dev = self.device
 
         def as_tensor(x: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
+            return to_device(x, dtype, dev)
 
         meta = AttentionMetadata(
             slot_mapping=as_tensor(step.slot_mapping, torch.long),
@@ -451,8 +470,8 @@ class ModelRunner:
                 "them (engine bug)"
             )
         dev = self.device
-        rows = torch.tensor(step.pending_rows).to(dev, non_blocking=True)
-        src = torch.tensor([where[s] for s in step.pending_seqs]).to(dev, non_blocking=True)
+        rows = to_device(step.pending_rows, torch.long, dev)
+        src = to_device([where[s] for s in step.pending_seqs], torch.long, dev)
         return rows, prev.tokens.index_select(0, src)
 
     def _hidden(
@@ -489,6 +508,6 @@ class ModelRunner:
         if not sampling:
             return PendingStep()
         if rows[-1] != len(rows) - 1 or len(rows) != hidden.shape[0]:  # not simply every row, in order
-            hidden = hidden[torch.tensor(rows).to(hidden.device, non_blocking=True)]
+            hidden = hidden[to_device(rows, torch.long, hidden.device)]
         sampled = self.sampler(self.model.compute_logits(hidden), sampling)
-        return PendingStep([s.seq_id for s in sampling], sampled.token_ids, sampled.logprobs)
+        return PendingStep.of([s.seq_id for s in sampling], sampled.token_ids, sampled.logprobs)

@@ -16,6 +16,7 @@ import torch
 
 from lmkiln.engine.outputs import Logprobs
 from lmkiln.engine.sequence import Sequence
+from lmkiln.engine.transfer import to_device
 
 
 @dataclass
@@ -71,11 +72,6 @@ def apply_filters(
     return logits.masked_fill(mask, float("-inf"))
 
 
-def _to(values: list, device: torch.device) -> torch.Tensor:
-    """A small host list on ``device`` without a host sync (``torch.tensor(..., device=cuda)`` waits)."""
-    return torch.tensor(values).to(device, non_blocking=True)
-
-
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -112,25 +108,32 @@ class Sampler:
         logits = apply_penalties(logits, seqs)
         tokens = logits.argmax(dim=-1)
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if sampled:
-            sub = logits[sampled]
-            temp = _to([seqs[i].params.temperature for i in sampled], device)
+        if sampled:  # (list indices on CUDA tensors would copy them from pageable memory: a host sync)
+            every = len(sampled) == len(seqs)
+            at = None if every else to_device(sampled, torch.long, device)
+            sub = logits if every else logits.index_select(0, at)
+            temp = to_device([seqs[i].params.temperature for i in sampled], None, device)
             sub = sub / temp[:, None]
             if any(seqs[i].params.has_filters for i in sampled):
-                top_k = _to([seqs[i].params.top_k for i in sampled], device)
-                top_p = _to([seqs[i].params.top_p for i in sampled], device)
-                min_p = _to([seqs[i].params.min_p for i in sampled], device)
+                top_k = to_device([seqs[i].params.top_k for i in sampled], None, device)
+                top_p = to_device([seqs[i].params.top_p for i in sampled], None, device)
+                min_p = to_device([seqs[i].params.min_p for i in sampled], None, device)
                 sub = apply_filters(sub, top_k, top_p, min_p)
             probs = sub.softmax(dim=-1)
             noise = torch.empty_like(probs)
             shared = [r for r, i in enumerate(sampled) if seqs[i].params.seed is None]
             if shared:  # one draw for every row without a seed
                 g = self._generator(seqs[sampled[shared[0]]], device)
-                noise[shared] = torch.empty_like(noise[shared]).exponential_(generator=g)
+                drawn = torch.empty((len(shared), probs.shape[1]), device=device).exponential_(generator=g)
+                if len(shared) == len(sampled):
+                    noise = drawn
+                else:
+                    noise.index_copy_(0, to_device(shared, torch.long, device), drawn)
             for r, i in enumerate(sampled):
                 if seqs[i].params.seed is not None:
                     noise[r].exponential_(generator=self._generator(seqs[i], device))
-            tokens[sampled] = (probs / noise).argmax(dim=-1)
+            picked = (probs / noise).argmax(dim=-1)
+            tokens = picked if every else tokens.index_copy_(0, at, picked)
         logprobs: list[Logprobs | None] = [None] * len(seqs)
         if raw_lp is not None:
             chosen = raw_lp.gather(1, tokens[:, None])[:, 0].tolist()

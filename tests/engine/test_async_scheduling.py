@@ -50,7 +50,7 @@ def _trace(eng: LLMEngine) -> list[tuple[str, int]]:
 
     def traced(out, prev=None):
         p = launch(out, prev)
-        t = Traced(p.seq_ids, p.tokens, p.logprobs)
+        t = Traced(p.seq_ids, p.tokens, p.logprobs, p.host, p.ready)
         t.k = sum(1 for e in events if e[0] == "launch")
         events.append(("launch", t.k))
         return t
