@@ -21,14 +21,14 @@ PROMPTS = [
 
 
 def _engine(path: Path, **kw) -> LLMEngine:
-    kw = {
+    """4-token blocks and small step budgets, so prompts are chunked and blocks fill often."""
+    small = {
         "block_size": 4,
         "cache_max_entry_count": 64,
         "max_prefill_token_num": 8,
         "max_num_batched_tokens": 10,
-        **kw,
     }
-    return LLMEngine.from_pretrained(path, **kw)
+    return LLMEngine.from_pretrained(path, **{**small, **kw})
 
 
 def _run(eng: LLMEngine, params: list[SamplingParams]) -> list[tuple]:
