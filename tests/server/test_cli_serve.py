@@ -133,3 +133,14 @@ def test_kv_sink_entries_flag(tiny_llama_dir) -> None:
     assert engine_config(_engine_options(a)).kv_sink_entries == 64  # on by default for quantized caches
     a = p.parse_args(["eval", "ppl-engine", str(tiny_llama_dir), "--out", "x.json", "--kv-sink-entries", "0"])
     assert a.kv_sink_entries == 0 and a.quant_policy == [0, 8, 4]
+
+
+def test_async_scheduling_flag(tiny_llama_dir) -> None:
+    from lmkiln.cli import _engine_options, build_parser
+
+    p = build_parser()
+    a = p.parse_args(["serve", "api_server", str(tiny_llama_dir)])
+    assert engine_config(_engine_options(a)).async_scheduling  # on by default
+    a = p.parse_args(["chat", str(tiny_llama_dir), "--no-async-scheduling", "--eager"])
+    cfg = engine_config(_engine_options(a))
+    assert not cfg.async_scheduling and cfg.eager
