@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from lmkiln.engine.config import EngineConfig
 from lmkiln.engine.errors import CacheMemoryError
-from lmkiln.engine.kv_sink import SinkTable
 from lmkiln.engine.llm_engine import LLMEngine
 from lmkiln.engine.loader import LoadedModel, load_model
 from lmkiln.engine.outputs import ScheduledSequence, SchedulerOutput
@@ -49,9 +48,7 @@ def engine_perplexity(
     if engine.has_unfinished_requests():
         raise CacheMemoryError("engine_perplexity needs an idle engine (requests are running)")
     runner, bm = engine.runner, engine.block_manager
-    sinks = engine.scheduler.sinks
-    if sinks is None and runner.kv_cache.sink_entries:  # the scheduler keeps none: the windows' own table
-        sinks = SinkTable(runner.kv_cache.sink_entries)
+    sinks = engine.scheduler.sinks  # the engine's table (None for an fp cache or kv_sink_entries=0)
     n, length = windows.shape
     chunk = max(1, min(chunk, length))
     per_window = bm.blocks_for(length)
