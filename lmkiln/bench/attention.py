@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from lmkiln.bench import report_main
 from lmkiln.errors import LmkilnError
 
 log = logging.getLogger(__name__)
@@ -315,12 +316,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true",
                    help="time the decode kernel over launch configs instead (attention_sweep.json)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.sweep:
-            sweep(args.out, args.batch, args.ctx, args.bits, args.block_size, args.rep_ms)
-            return 0
-        report = run(
+    if args.sweep:
+        return report_main(
+            lambda: sweep(args.out, args.batch, args.ctx, args.bits, args.block_size, args.rep_ms), None
+        )
+    return report_main(
+        lambda: run(
             args.out,
             args.batch,
             args.ctx,
@@ -329,12 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.rep_ms,
             args.ref_max_gib,
             not args.eager,
-        )
-    except LmkilnError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(report))
-    return 0
+        ),
+        format_table,
+    )
 
 
 if __name__ == "__main__":

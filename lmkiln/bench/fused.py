@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from lmkiln.bench import report_main
 from lmkiln.errors import LmkilnError
 
 log = logging.getLogger(__name__)
@@ -214,15 +215,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rep-ms", type=int, default=50, help="do_bench repetition time per measurement")
     p.add_argument("--eager", action="store_true", help="time eager calls, not CUDA-graph replays")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        report = run(args.out, args.batch, args.kv_heads, getattr(torch, args.dtype), args.rep_ms,
-                     not args.eager)
-    except LmkilnError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(report))
-    return 0
+    return report_main(
+        lambda: run(
+            args.out, args.batch, args.kv_heads, getattr(torch, args.dtype), args.rep_ms, not args.eager
+        ),
+        format_table,
+    )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from lmkiln.bench import report_main
 from lmkiln.errors import LmkilnError, QuantConfigError
 
 log = logging.getLogger(__name__)
@@ -629,14 +630,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--eager", action="store_true", help="time eager calls, not CUDA-graph replays (adds launch cost)"
     )
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def produce() -> dict[str, Any]:
         tuned_out = args.tuned_out
         if args.tune and tuned_out is None:
             from lmkiln.kernels.dispatch import TUNED_DIR, device_slug
 
             tuned_out = TUNED_DIR / f"{device_slug(torch.cuda.get_device_name())}.json"
-        report = run(
+        return run(
             args.out,
             args.m,
             args.shapes,
@@ -649,11 +650,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             not args.no_plot,
             not args.eager,
         )
-    except LmkilnError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(report))
-    return 0
+
+    return report_main(produce, format_table)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from lmkiln.artifact import write_json_atomic
+from lmkiln.bench import report_main
 from lmkiln.bench.kernels import (
     LLAMA2_7B_LAYERS,
     LLAMA2_7B_SHAPES,
@@ -29,7 +30,7 @@ from lmkiln.bench.kernels import (
     our_bytes,
     tinygemm_pack,
 )
-from lmkiln.errors import LmkilnError, QuantConfigError
+from lmkiln.errors import QuantConfigError
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rep-ms", type=int, default=200)
     p.add_argument("--no-baselines", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        report = run(args.out, args.m, args.layers, args.group_size, args.rep_ms, not args.no_baselines)
-    except LmkilnError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(report))
-    return 0
+    return report_main(
+        lambda: run(args.out, args.m, args.layers, args.group_size, args.rep_ms, not args.no_baselines),
+        format_table,
+    )
 
 
 if __name__ == "__main__":
