@@ -248,15 +248,14 @@ def smol(smollm2_dir):
 
 
 def test_sinks_bring_int4_closer_to_the_fp_cache(smollm2_dir, smol, smollm2_tokenizer) -> None:
-    """SmolLM2-135M: perplexity on 192 tokens of Pride and Prejudice (chunks of 64 read the cache) through the
-    scheduler's table. Chat prompts (all starting with <|im_start|>) share one entry; the fp cache ignores
-    kv_sink_entries (same greedy tokens and logprobs with 64 or 0)."""
-    from pathlib import Path
-
-    from lmkiln.data.calib import eval_token_windows, load_text
+    """SmolLM2-135M: perplexity on 192 tokens of gensim's Wikipedia sample (chunks of 64 read the cache)
+    through the scheduler's table. Chat prompts (all starting with <|im_start|>) share one entry; the fp cache
+    ignores kv_sink_entries (same greedy tokens and logprobs with 64 or 0)."""
+    from lmkiln.data.calib import eval_token_windows
+    from lmkiln.data.texts import wiki_sample_text
     from lmkiln.eval.engine_ppl import engine_perplexity
 
-    text = load_text("pride_and_prejudice", Path(__file__).resolve().parents[2] / "resources" / "text")
+    text = wiki_sample_text()  # in the gensim wheel: a fresh checkout has no prepared resources/text
     windows = eval_token_windows(smollm2_tokenizer, text, 192, 192, False)
     chats = [
         list(
@@ -290,5 +289,5 @@ def test_sinks_bring_int4_closer_to_the_fp_cache(smollm2_dir, smol, smollm2_toke
     assert sinks.num_hits == 1 and sinks.num_refs == 0 and eng.runner.kv_cache.sink_entries == 64
     assert all(len(t) == 2 for t, _ in outs[4, 64])
     assert outs[0, 64] == outs[0, 0]
-    base = ppl[0, 64]  # 17.36; int4 18.39 (+6.0 %) without sinks, 17.88 (+3.0 %) with them
+    base = ppl[0, 64]  # 22.53; int4 23.46 (+4.1 %) without sinks, 23.06 (+2.4 %) with them
     assert ppl[4, 64] / base - 1 < 0.75 * (ppl[4, 0] / base - 1), ppl
