@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from lmkiln.kernels.reference import check_w4a16_inputs, w4a16_matmul_ref
+from lmkiln.kernels.reference import check_w4a16_inputs, gate_up_silu_ref, w4a16_matmul_ref
 
 from lmkiln.errors import QuantConfigError
-from lmkiln.quant.pack import PACK_K, PACK_N
+from lmkiln.quant.pack import GATE_UP_BLOCK, PACK_K, PACK_N
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +155,17 @@ def w4a16_matmul(
     zeros: torch.Tensor | None = None,
     scratch: torch.Tensor | None = None,
     config=None,
+    silu: bool = False,
 ) -> torch.Tensor:
     """``x @ W`` for activations ``[..., K]`` (fp16/bf16, contiguous) and a packed weight -> ``[..., N]``.
 
     CUDA tensors run the Triton kernels (chosen by :func:`choose_config` unless ``config`` is given);
     CPU tensors run the reference (or the Triton interpreter when ``TRITON_INTERPRET=1`` and a config is
     given). ``zeros``: the packed uint8 zero points (enables the zero-folding small-M mode). ``scratch``:
-    zeroed int32 split-K counters (see ``make_scratch``); allocated per call if None.
+    zeroed int32 split-K counters (see ``make_scratch``); allocated per call if None. ``silu``: ``W`` is a
+    gate/up weight reordered by ``lmkiln.quant.pack.gate_up_interleave`` and the result is
+    ``silu(gate) * up [..., N / 2]``, applied by the ``fma`` kernel as it writes its tiles (other kernels:
+    one SiLU·mul launch after the GEMM).
     """
     if x.dtype not in DTYPE_NAMES:
         raise QuantConfigError(f"W4A16 activations must be float16 or bfloat16, got {x.dtype}")
@@ -177,11 +181,14 @@ def w4a16_matmul(
     x2 = x.reshape(-1, k)
     if x.device.type != "cuda" and config is None:
         check_w4a16_inputs(x2, qweight, sz, zeros)
-        return w4a16_matmul_ref(x, qweight, sz)
+        y = w4a16_matmul_ref(x, qweight, sz)
+        return gate_up_silu_ref(y) if silu else y
     w4a16 = _triton_mod()
     m, n, _, g = w4a16.check_inputs(x2, qweight, sz, zeros)
+    if silu and n % (2 * GATE_UP_BLOCK):
+        raise QuantConfigError(f"silu needs an interleaved gate/up weight (N a multiple of 64), got N={n}")
     if m == 0:
-        return x.new_empty((*lead, n))
+        return x.new_empty((*lead, n // 2 if silu else n))
     cfg = config or choose_config(m, n, k, g, x.dtype, x.device)
     if cfg.kind == "gemv" and m != 1:
         cfg = heuristic_config(m, n, k, g)
@@ -189,8 +196,26 @@ def w4a16_matmul(
         cfg = heuristic_config(max(m, 16), n, k, g)
     if cfg.zfold and cfg.kind == "mma" and zeros is None:
         cfg = dataclasses.replace(cfg, zfold=False)
+    if silu and cfg.kind == "fma":
+        if cfg.block_n % (2 * GATE_UP_BLOCK):  # a tile must hold a gate block and its up block
+            cfg = dataclasses.replace(cfg, block_n=2 * GATE_UP_BLOCK, sub=0)
+        return w4a16.fma(x2, qweight, sz, zeros, cfg, scratch, silu=True).reshape(*lead, n // 2)
     y = w4a16.LAUNCHERS[cfg.kind](x2, qweight, sz, zeros, cfg, scratch)
-    return y.reshape(*lead, n)
+    return (gate_up_silu(y) if silu else y).reshape(*lead, n // 2 if silu else n)
+
+
+def gate_up_silu(y: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up [..., I]`` of an interleaved gate/up output ``y [..., 2I]`` (one
+    ``kernels.fused.silu_mul`` launch on CUDA, the torch reference on the CPU)."""
+    if y.device.type != "cuda":
+        return gate_up_silu_ref(y)
+    from lmkiln.kernels.fused import silu_mul
+
+    if y.shape[-1] % (2 * GATE_UP_BLOCK):
+        raise QuantConfigError(f"an interleaved gate/up output has N a multiple of 64, got {y.shape[-1]}")
+    pairs = y.contiguous().view(-1, 2 * GATE_UP_BLOCK)
+    out = silu_mul(pairs[:, :GATE_UP_BLOCK], pairs[:, GATE_UP_BLOCK:])
+    return out.reshape(*y.shape[:-1], y.shape[-1] // 2)
 
 
 @torch.library.custom_op("lmkiln::w4a16_mm", mutates_args=())
@@ -200,6 +225,22 @@ def w4a16_mm(
     """Registered op: ``x [..., K] @ W -> [..., N]``. ``scratch`` holds split-K counters that every launch
     leaves zeroed again, so the op has no visible side effect."""
     return w4a16_matmul(x, qweight, sz, zeros, scratch if scratch.numel() else None)
+
+
+@torch.library.custom_op("lmkiln::w4a16_silu_mm", mutates_args=())
+def w4a16_silu_mm(
+    x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, zeros: torch.Tensor, scratch: torch.Tensor
+) -> torch.Tensor:
+    """Registered op: ``silu(gate) * up [..., N / 2]`` of ``x @ W`` for a ``gate_up_interleave``-d ``W``."""
+    return w4a16_matmul(x, qweight, sz, zeros, scratch if scratch.numel() else None, silu=True)
+
+
+@w4a16_silu_mm.register_fake
+def _w4a16_silu_mm_fake(
+    x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, zeros: torch.Tensor, scratch: torch.Tensor
+) -> torch.Tensor:
+    y = _w4a16_mm_fake(x, qweight, sz, zeros, scratch)
+    return y.new_empty((*y.shape[:-1], y.shape[-1] // 2))
 
 
 @w4a16_mm.register_fake

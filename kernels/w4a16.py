@@ -33,9 +33,10 @@ import torch
 import triton
 import triton.language as tl
 from lmkiln.kernels.reference import check_w4a16_inputs
+from triton.language.extra import libdevice
 
 from lmkiln.errors import QuantConfigError
-from lmkiln.quant.pack import PACK_K, PACK_N
+from lmkiln.quant.pack import GATE_UP_BLOCK, PACK_K, PACK_N
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +197,33 @@ def _load_sm(sz_ptr, g, N, offs_n):
 
 
 @triton.jit
-def _finish_tile(acc, c_ptrs, c_mask, local, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, TILE: tl.constexpr):
-    """Store ``acc`` (SPLIT_K == 1) or add it to the tile's split-K partials; the last program writes."""
+def _epilogue(acc, DT: tl.constexpr, ACT: tl.constexpr):
+    """The output tile in ``DT``. ``ACT`` 1 (2 under the interpreter, which has no libdevice): the tile holds
+    gate/up columns interleaved in 32-column blocks ``[g, u, g, u, ...]`` (``gate_up_interleave``) and
+    becomes ``silu(g) * u`` ``[BM, BN / 2]``, rounded as the unfused path rounds (the GEMM output, F.silu and
+    the product each to ``DT``, as ``kernels.fused.silu_mul`` does)."""
+    if ACT == 0:
+        return acc.to(DT)
+    else:
+        BM: tl.constexpr = acc.shape[0]
+        BN: tl.constexpr = acc.shape[1]
+        y = acc.to(DT).to(tl.float32)
+        g, u = tl.split(tl.permute(tl.reshape(y, (BM, BN // 64, 2, 32)), (0, 1, 3, 2)))
+        e = tl.exp(-g) if ACT == 2 else libdevice.exp(-g)
+        sg = tl.math.div_rn(g, 1.0 + e).to(DT).to(tl.float32)
+        return tl.reshape(sg * u, (BM, BN // 2)).to(DT)
+
+
+@triton.jit
+def _finish_tile(
+    acc, c_ptrs, c_mask, local, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, TILE: tl.constexpr,
+    ACT: tl.constexpr,
+):
+    """Store ``acc`` (SPLIT_K == 1) or add it to the tile's split-K partials; the last program writes (through
+    :func:`_epilogue`: ``c_ptrs`` / ``c_mask`` are half a tile wide when ``ACT``)."""
+    DT: tl.constexpr = c_ptrs.dtype.element_ty
     if SPLIT_K == 1:
-        tl.store(c_ptrs, acc.to(c_ptrs.dtype.element_ty), mask=c_mask)
+        tl.store(c_ptrs, _epilogue(acc, DT, ACT), mask=c_mask)
     else:
         base = ws_ptr + tile_id * SPLIT_K * TILE
         tl.store(base + pid_k * TILE + local, acc)
@@ -209,7 +233,7 @@ def _finish_tile(acc, c_ptrs, c_mask, local, ws_ptr, cnt_ptr, tile_id, pid_k, SP
             total = tl.load(base + local, cache_modifier=".cg")
             for s in range(1, SPLIT_K):
                 total += tl.load(base + s * TILE + local, cache_modifier=".cg")
-            tl.store(c_ptrs, total.to(c_ptrs.dtype.element_ty), mask=c_mask)
+            tl.store(c_ptrs, _epilogue(total, DT, ACT), mask=c_mask)
             tl.atomic_xchg(cnt_ptr + tile_id, 0)
 
 
@@ -283,6 +307,7 @@ def _gemv_kernel(
         pid_k,
         SPLIT_K,
         BLOCK_N,
+        0,
     )
 
 
@@ -423,8 +448,10 @@ def _fma_kernel(
     NUM_STAGES: tl.constexpr,
     PACK_N_: tl.constexpr,
     F16ASM: tl.constexpr,
+    ACT: tl.constexpr,
 ):
-    """``y = x @ W`` for ``BLOCK_M`` (1..8) activation rows per program on the CUDA cores.
+    """``y = x @ W`` for ``BLOCK_M`` (1..8) activation rows per program on the CUDA cores (``ACT``: the SiLU
+    epilogue of an interleaved gate/up weight, see :func:`_epilogue`; ``y`` is then ``[M, N / 2]``).
 
     A chunk (128 rows) is read as ``16 / SUB`` sub-tiles ``[SUB word-rows, BLOCK_N]``; with the default
     ``SUB = 128 * num_warps / BLOCK_N`` every thread loads 16 bytes (4 columns) of each sub-tile, always the
@@ -509,9 +536,11 @@ def _fma_kernel(
                         acc += part * s
     out = tl.sum(acc, axis=1)  # [BLOCK_M, BLOCK_N]
     local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    OUT_N: tl.constexpr = BLOCK_N // 2 if ACT else BLOCK_N
+    offs_o = pid_n * OUT_N + tl.arange(0, OUT_N)
     _finish_tile(
         out,
-        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+        y_ptr + offs_m[:, None] * stride_ym + offs_o[None, :],
         offs_m[:, None] < M,
         local,
         ws_ptr,
@@ -520,6 +549,7 @@ def _fma_kernel(
         pid_k,
         SPLIT_K,
         BLOCK_M * BLOCK_N,
+        ACT,
     )
 
 
@@ -674,6 +704,7 @@ def _mma_kernel(
         pid_k,
         SPLIT_K,
         BLOCK_M * BLOCK_N,
+        0,
     )
 
 
@@ -846,10 +877,13 @@ def fma(
     cfg: KernelConfig,
     scratch: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    silu: bool = False,
 ) -> torch.Tensor:
     """``y [M, N] = x [M, K] @ W`` on the CUDA cores, ``cfg.block_m`` (1..8) rows per program, split-K.
 
-    Every dequantized weight is reused across the program's rows; needs the packed ``zeros``."""
+    Every dequantized weight is reused across the program's rows; needs the packed ``zeros``. ``silu``: ``W``
+    is a gate/up weight interleaved by :func:`gate_up_interleave` and ``y [M, N / 2]`` is ``silu(gate) * up``
+    (the SiLU is applied where the tile is written; ``cfg.block_n`` must be a multiple of 64)."""
     m, n, k, g = check_inputs(x, qweight, sz, zeros)
     if zeros is None:
         raise QuantConfigError("the fma kernel needs the packed `zeros` tensor (uint8 [K/G, N])")
@@ -858,9 +892,14 @@ def fma(
         raise QuantConfigError(f"fma block_m must be 1, 2, 4 or 8, got {cfg.block_m}")
     if cfg.chunks < 1 or cfg.flush < 1:
         raise QuantConfigError(f"fma: chunks and flush must be >= 1, got {cfg.chunks} and {cfg.flush}")
+    if silu and cfg.block_n % (2 * GATE_UP_BLOCK):
+        raise QuantConfigError(
+            f"fma with the SiLU epilogue needs block_n a multiple of {2 * GATE_UP_BLOCK} (a gate block and "
+            f"its up block), got {cfg.block_n}"
+        )
     sub = _fma_sub(cfg)
     n_chunks = k // PACK_K
-    y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = out if out is not None else torch.empty((m, n // 2 if silu else n), dtype=x.dtype, device=x.device)
     grid_m = triton.cdiv(m, cfg.block_m)
     tiles = grid_m * (n // cfg.block_n)
     split, cnt, ws = _plan_split(cfg.split_k, n_chunks, tiles, cfg.block_m * cfg.block_n, scratch, x.device)
@@ -893,7 +932,9 @@ def fma(
         NUM_STAGES=cfg.num_stages,
         PACK_N_=PACK_N,
         F16ASM=f16asm,
+        ACT=(2 if _interpreting() else 1) if silu else 0,
         num_warps=cfg.num_warps,
+        **({"enable_fp_fusion": False} if silu and not _interpreting() else {}),
     )
     return y
 

@@ -40,6 +40,7 @@ from lmkiln.engine.outputs import Logprobs, ModelRunnerOutput, SchedulerOutput
 from lmkiln.engine.sampler import Sampler
 from lmkiln.engine.sequence import PENDING_TOKEN
 from lmkiln.engine.transfer import to_device
+from lmkiln.models.llama import use_fused_ops
 
 log = logging.getLogger(__name__)
 
@@ -341,6 +342,9 @@ class ModelRunner:
                 "--cache-max-entry-count"
             ) from e
         self.backend = make_attention_backend(self.device)  # Triton on CUDA (LMKILN_ATTENTION overrides)
+        fuse_silu = getattr(self.model, "fuse_gate_up_silu", None)
+        if fuse_silu is not None and use_fused_ops(self.device) and fuse_silu():
+            log.info("int4 gate/up interleaved: the decode GEMV applies SiLU·mul as it writes")
         self.sampler = Sampler(config.seed)
         log.info(
             "KV cache: %d blocks x %d tokens (%.2f GiB, quant_policy %d, %d attention-sink entries)",

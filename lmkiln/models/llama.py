@@ -149,6 +149,8 @@ class MLP(nn.Module):
         self.gate_up_proj: nn.Module | None = None  # fused gate/up, set by DecoderLayer.fuse
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if getattr(self.gate_up_proj, "applies_silu", False):  # lmkiln.layers.Int4GateUpSiLU
+            return self.down_proj(self.gate_up_proj(x))
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
@@ -307,6 +309,21 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def fuse_gate_up_silu(self) -> int:
+        """Swap each int4 fused gate/up for an :class:`~lmkiln.layers.Int4GateUpSiLU`, whose GEMM writes the
+        SiLU·mul activation itself (one launch less per layer); returns how many layers changed. Layers
+        without an int4 gate/up, or whose 2 x I is not a multiple of 64, keep the separate SiLU kernel.
+        Idempotent. The engine calls it where it runs the fused kernels."""
+        from lmkiln.layers import Int4GateUpSiLU, Int4Linear
+
+        changed = 0
+        for layer in self.model.layers:
+            lin = layer.mlp.gate_up_proj
+            if type(lin) is Int4Linear and lin.out_features % 64 == 0:
+                layer.mlp.gate_up_proj = Int4GateUpSiLU.from_gate_up(lin)
+                changed += 1
+        return changed
 
     @classmethod
     def from_checkpoint(

@@ -204,6 +204,11 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 def _int4_columns(layer: Int4Linear, ranges: list[tuple[int, int]]) -> Int4Linear:
+    if getattr(layer, "applies_silu", False):
+        raise TensorParallelError(
+            "this gate/up linear was interleaved for the SiLU epilogue (an engine already ran on the model); "
+            "shard the model as loaded, before building an engine on it"
+        )
     n = sum(b - a for a, b in ranges)
     if n % PACK_N:
         raise TensorParallelError(

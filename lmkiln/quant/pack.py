@@ -46,6 +46,7 @@ LAYOUT = "lmkiln-w4-tiled"
 LAYOUT_VERSION = 1
 PACK_N = 32  # columns per contiguous column block
 PACK_K = 128  # rows per K chunk (the nibble-interleave period)
+GATE_UP_BLOCK = PACK_N  # gate_up_interleave: columns per gate (then up) block
 SLICE_K = (
     PACK_K // 4
 )  # rows per slice (32): nibbles (t, t + 4) of word-row r are rows (2r, 2r + 1) of slice t
@@ -223,6 +224,29 @@ def fuse_awq_along_n(
         torch.cat([t[1] for t in linears], dim=1),
         torch.cat([t[2] for t in linears], dim=1),
     )
+
+
+def gate_up_interleave(
+    qweight: torch.Tensor, sz: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A fused gate/up linear (outputs ``[gate (I) | up (I)]``) with its columns reordered into blocks
+    ``[g_0, u_0, g_1, u_1, ...]`` of :data:`GATE_UP_BLOCK` columns, so that a GEMM tile of 64 columns holds
+    a gate block and its up block and can write ``silu(gate) * up`` itself (the engine's decode GEMV).
+
+    Whole column blocks of the tiled layout move, so this is an index copy, exact. New tensors."""
+    n = check_packed_tensors(qweight, sz, zeros)[1]
+    if n % (2 * GATE_UP_BLOCK):
+        raise QuantConfigError(
+            f"gate/up interleave needs 2 x I to be a multiple of {2 * GATE_UP_BLOCK}, got N={n}; keep the "
+            "plain fused layout (and the separate SiLU kernel) for this model"
+        )
+    nb = n // (2 * GATE_UP_BLOCK)  # gate blocks (= up blocks)
+    blocks = torch.stack([torch.arange(nb), nb + torch.arange(nb)], dim=1).reshape(-1)  # g0 u0 g1 u1 ...
+    cols = (blocks[:, None] * GATE_UP_BLOCK + torch.arange(GATE_UP_BLOCK)).reshape(-1)
+    q = qweight.index_select(0, blocks.to(qweight.device))
+    cols = cols.to(sz.device)
+    out_bias = None if bias is None else bias.index_select(0, cols.to(bias.device))
+    return q, sz.index_select(1, cols), zeros.index_select(1, cols), out_bias
 
 
 def dequantize_packed(qweight: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:

@@ -68,3 +68,31 @@ def test_int4_mode_resolution(monkeypatch, packed_dir: Path) -> None:
     monkeypatch.setenv("LMKILN_INT4", "yes")
     with pytest.raises(EngineConfigError, match="LMKILN_INT4"):
         load_model(packed_dir)
+
+
+def test_fused_ops_interleave_gate_up_for_the_silu_epilogue(packed_dir: Path, monkeypatch) -> None:
+    """With the fused ops (``LMKILN_FUSED=1``; the Triton interpreter on the CPU) the runner swaps each int4
+    gate/up for an ``Int4GateUpSiLU``: no SiLU·mul launch, same greedy tokens as the torch ops."""
+    triton = pytest.importorskip("triton")
+    from lmkiln.kernels import fused
+
+    from lmkiln.layers import Int4GateUpSiLU
+
+    if torch.cuda.is_available() or not isinstance(
+        fused._rmsnorm_kernel, triton.runtime.interpreter.InterpretedFunction
+    ):
+        pytest.skip("CPU-interpreter test (the GPU engine tests run the fused path on CUDA)")
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    kw = dict(block_size=4, cache_max_entry_count=64, max_prefill_token_num=8)
+    outs, silu_calls = {}, []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("LMKILN_FUSED", flag)
+        loaded = load_model(packed_dir, int4="on")
+        monkeypatch.setattr(fused, "silu_mul", lambda *a, _f=fused.silu_mul: silu_calls.append(1) or _f(*a))
+        outs[flag] = LLMEngine(EngineConfig(packed_dir, **kw), loaded=loaded).generate(PROMPTS, p)
+        swapped = [isinstance(layer.mlp.gate_up_proj, Int4GateUpSiLU) for layer in loaded.model.model.layers]
+        assert swapped == [flag == "1"] * loaded.config.num_layers and not silu_calls
+        monkeypatch.undo()
+    assert [o.token_ids for o in outs["1"]] == [o.token_ids for o in outs["0"]]
+    for a, b in zip(outs["1"], outs["0"], strict=True):
+        assert [x.logprob for x in a.logprobs] == pytest.approx([x.logprob for x in b.logprobs], abs=1e-4)

@@ -266,3 +266,42 @@ def test_tuned_table_lookup(tmp_path, monkeypatch):
         assert dispatch.choose_config(9, 96, 128, 128, torch.float16, cpu).kind == "mma"
     finally:
         dispatch.load_tuned.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "n", "dtype", "bm", "bn", "warps", "split"),
+    [
+        (1, 256, 128, torch.float16, 1, 64, 2, 2),
+        (3, 384, 192, torch.float16, 4, 64, 2, 3),
+        (6, 256, 256, torch.bfloat16, 8, 128, 4, 1),
+    ],
+)
+def test_fma_silu_epilogue_matches_unfused(make_packed, m, k, n, dtype, bm, bn, warps, split):
+    """``fma(..., silu=True)`` over an interleaved gate/up weight writes ``silu(gate) * up`` of the original
+    (concatenated) weight's GEMM: the same numbers as the GEMM + ``kernels.fused.silu_mul`` (exactly: both
+    round the GEMM output, the SiLU and the product to the dtype), and close to the float reference."""
+    from lmkiln.kernels.fused import silu_mul
+
+    from lmkiln.quant.pack import gate_up_interleave
+
+    w4a16 = _w4a16()
+    p = make_packed(k, n, 64, seed=m + n)
+    q, sz, zeros, _ = gate_up_interleave(p["qweight"], p["sz"], p["zeros"])
+    x = torch.randn(m, k).to(dtype)
+    cfg = w4a16.KernelConfig(kind="fma", block_m=bm, block_n=bn, num_warps=warps, split_k=split)
+    scratch = w4a16.make_scratch("cpu", 64)
+    y = w4a16.fma(x, q, sz, zeros, cfg, scratch, silu=True)
+    assert y.shape == (m, n // 2) and y.dtype == dtype and int(scratch.abs().sum()) == 0
+    gate, up = w4a16.fma(x, p["qweight"], p["sz"], p["zeros"], cfg, scratch).chunk(2, dim=-1)
+    assert torch.equal(y, silu_mul(gate, up))
+    ref = w4a16_matmul_ref(x.float(), p["qweight"], p["sz"])
+    want = torch.nn.functional.silu(ref[:, : n // 2]) * ref[:, n // 2 :]
+    assert _rel(y, want) < TOL[dtype] * 2
+
+
+def test_silu_epilogue_needs_whole_gate_up_pairs(make_packed) -> None:
+    w4a16 = _w4a16()
+    p = make_packed(128, 64, 64)
+    cfg = w4a16.KernelConfig(kind="fma", block_m=1, block_n=32, num_warps=1)
+    with pytest.raises(QuantConfigError, match="multiple of 64"):
+        w4a16.fma(torch.randn(1, 128).half(), p["qweight"], p["sz"], p["zeros"], cfg, silu=True)

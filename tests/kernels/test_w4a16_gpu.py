@@ -139,3 +139,22 @@ def test_cuda_graph_and_compile(make_packed):
     compiled = torch.compile(lin, fullgraph=True)
     torch.testing.assert_close(compiled(x), lin(x))
     assert eager.shape == (4, 4096)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_fma_silu_epilogue_equals_gemm_then_silu_mul(make_packed, m):
+    """The packed-fp16 fma kernel with the SiLU epilogue over an interleaved gate/up (Llama-2-7B's 4096 x
+    22016) writes exactly what the GEMM + ``kernels.fused.silu_mul`` write."""
+    from lmkiln.kernels import w4a16
+    from lmkiln.kernels.fused import silu_mul
+
+    from lmkiln.quant.pack import gate_up_interleave
+
+    p = make_packed(4096, 22016, 128, seed=m, device="cuda")
+    q, sz, zeros, _ = gate_up_interleave(p["qweight"], p["sz"], p["zeros"])
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+    cfg = w4a16.KernelConfig(kind="fma", block_m=1 << (m - 1).bit_length(), block_n=128, split_k=4)
+    scratch = w4a16.make_scratch("cuda")
+    y = w4a16.fma(x, q, sz, zeros, cfg, scratch, silu=True)
+    gate, up = w4a16.fma(x, p["qweight"], p["sz"], p["zeros"], cfg, scratch).chunk(2, dim=-1)
+    assert torch.equal(y, silu_mul(gate, up))

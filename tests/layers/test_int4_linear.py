@@ -41,3 +41,19 @@ def test_cuda_forward_matches_reference(make_packed) -> None:
         ref = w4a16_matmul_ref(x.float(), p["qweight"], p["sz"]).double() + lin.bias.double()
         y = lin(x)
         assert float((y.double() - ref).norm() / ref.norm()) < 2e-3, m
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gate_up_silu_returns_the_mlp_activation(make_packed, with_bias) -> None:
+    """``Int4GateUpSiLU.from_gate_up`` of a fused gate/up: forward is ``silu(gate) * up`` of the original
+    linear's output (CPU reference path; the bias is added before the SiLU)."""
+    from lmkiln.layers import Int4GateUpSiLU
+
+    p = make_packed(256, 128, 64)
+    bias = torch.randn(128) if with_bias else None
+    lin = Int4Linear(p["qweight"], p["sz"], p["zeros"], bias)
+    act = Int4GateUpSiLU.from_gate_up(lin)
+    assert act.applies_silu and act.in_features == 256
+    x = torch.randn(3, 256)
+    gate, up = lin(x).chunk(2, dim=-1)
+    torch.testing.assert_close(act(x), torch.nn.functional.silu(gate) * up)

@@ -187,3 +187,24 @@ def test_pack_checkpoint_needs_an_awq_manifest(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="manifest"):
         pack_checkpoint(awq, tmp_path / "packed")
     assert not (tmp_path / "packed").exists()
+
+
+def test_gate_up_interleave_reorders_whole_column_blocks() -> None:
+    """Blocks [g0, u0, g1, u1, ...] of 32 columns: the dequantized weight is the original's columns in that
+    order, exactly; N must hold whole (gate, up) block pairs."""
+    from lmkiln.quant.pack import gate_up_interleave, pack_codes
+
+    g = torch.Generator().manual_seed(0)
+    k, n = 128, 192
+    codes = torch.randint(0, 16, (k, n), generator=g, dtype=torch.uint8)
+    zeros = torch.randint(0, 16, (k // 64, n), generator=g, dtype=torch.uint8)
+    scales = (torch.rand((k // 64, n), generator=g) * 0.02 + 0.004).half()
+    p = pack_codes(codes, zeros, scales)
+    bias = torch.arange(n, dtype=torch.float16)
+    q, sz, z, b = gate_up_interleave(p["qweight"], p["sz"], p["zeros"], bias)
+    order = torch.cat([torch.arange(c * 32, c * 32 + 32) for c in (0, 3, 1, 4, 2, 5)])
+    assert torch.equal(dequantize_packed(q, sz), dequantize_packed(p["qweight"], p["sz"])[:, order])
+    assert torch.equal(z, p["zeros"][:, order]) and torch.equal(b, bias[order])
+    odd = pack_codes(codes[:, :96], zeros[:, :96], scales[:, :96])
+    with pytest.raises(QuantConfigError, match="multiple of 64"):
+        gate_up_interleave(odd["qweight"], odd["sz"], odd["zeros"])
