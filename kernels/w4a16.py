@@ -217,10 +217,12 @@ def _epilogue(acc, DT: tl.constexpr, ACT: tl.constexpr):
 @triton.jit
 def _finish_tile(
     acc, c_ptrs, c_mask, local, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, TILE: tl.constexpr,
-    ACT: tl.constexpr,
+    ACT: tl.constexpr, SPLIT_P2: tl.constexpr,
 ):
     """Store ``acc`` (SPLIT_K == 1) or add it to the tile's split-K partials; the last program writes (through
-    :func:`_epilogue`: ``c_ptrs`` / ``c_mask`` are half a tile wide when ``ACT``)."""
+    :func:`_epilogue`: ``c_ptrs`` / ``c_mask`` are half a tile wide when ``ACT``). It sums the partials in
+    order 0, 1, ..., SPLIT_K - 1 (deterministic); the loop is unrolled to ``SPLIT_P2`` (a power of two >=
+    SPLIT_K) with masked loads, so that all loads are in flight at once instead of one L2 round trip each."""
     DT: tl.constexpr = c_ptrs.dtype.element_ty
     if SPLIT_K == 1:
         tl.store(c_ptrs, _epilogue(acc, DT, ACT), mask=c_mask)
@@ -231,8 +233,10 @@ def _finish_tile(
         count = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
         if count == SPLIT_K - 1:
             total = tl.load(base + local, cache_modifier=".cg")
-            for s in range(1, SPLIT_K):
-                total += tl.load(base + s * TILE + local, cache_modifier=".cg")
+            for s in tl.static_range(1, SPLIT_P2):
+                total += tl.load(
+                    base + s * TILE + local, mask=(local * 0 + s) < SPLIT_K, other=0.0, cache_modifier=".cg"
+                )
             tl.store(c_ptrs, _epilogue(total, DT, ACT), mask=c_mask)
             tl.atomic_xchg(cnt_ptr + tile_id, 0)
 
@@ -267,6 +271,7 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     PACK_N_: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    SPLIT_P2: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -308,6 +313,7 @@ def _gemv_kernel(
         SPLIT_K,
         BLOCK_N,
         0,
+        SPLIT_P2,
     )
 
 
@@ -449,6 +455,7 @@ def _fma_kernel(
     PACK_N_: tl.constexpr,
     F16ASM: tl.constexpr,
     ACT: tl.constexpr,
+    SPLIT_P2: tl.constexpr,
 ):
     """``y = x @ W`` for ``BLOCK_M`` (1..8) activation rows per program on the CUDA cores (``ACT``: the SiLU
     epilogue of an interleaved gate/up weight, see :func:`_epilogue`; ``y`` is then ``[M, N / 2]``).
@@ -550,6 +557,7 @@ def _fma_kernel(
         SPLIT_K,
         BLOCK_M * BLOCK_N,
         ACT,
+        SPLIT_P2,
     )
 
 
@@ -584,6 +592,7 @@ def _mma_kernel(
     NUM_STAGES: tl.constexpr,
     DOT_F32: tl.constexpr,
     USE_ASM: tl.constexpr,
+    SPLIT_P2: tl.constexpr,
 ):
     """ZFOLD: B = ``q - z`` (exact small integers; for fp16 as subnormals ``(q - z) * 2**-24`` so the
     conversion is one AND), one fp32 accumulator per group, ``acc += acc_g * s`` (the AWQ value
@@ -705,6 +714,7 @@ def _mma_kernel(
         SPLIT_K,
         BLOCK_M * BLOCK_N,
         0,
+        SPLIT_P2,
     )
 
 
@@ -852,6 +862,7 @@ def gemv(
         BLOCK_N=cfg.block_n,
         PACK_N_=PACK_N,
         NUM_STAGES=cfg.num_stages,
+        SPLIT_P2=triton.next_power_of_2(split),
         num_warps=cfg.num_warps,
     )
     return y
@@ -930,6 +941,7 @@ def fma(
         CPI=cfg.chunks,
         FLUSH=cfg.flush,
         NUM_STAGES=cfg.num_stages,
+        SPLIT_P2=triton.next_power_of_2(split),
         PACK_N_=PACK_N,
         F16ASM=f16asm,
         ACT=(2 if _interpreting() else 1) if silu else 0,
@@ -986,6 +998,7 @@ def mma(
         JOIN=cfg.join,
         PACK_N_=PACK_N,
         NUM_STAGES=cfg.num_stages,
+        SPLIT_P2=triton.next_power_of_2(split),
         DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
         USE_ASM=not _interpreting(),
         num_warps=cfg.num_warps,
