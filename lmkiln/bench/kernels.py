@@ -209,10 +209,12 @@ def candidate_configs(m: int, n: int, k: int) -> list:
     if m <= 8:
         # CUDA-core kernel: block_m rows per program, every dequantized weight reused across them
         bm = 1 << (m - 1).bit_length()
-        shapes = [(128, 4, 1, 1), (128, 4, 2, 1), (256, 8, 1, 1), (256, 4, 1, 1)]
-        if bm == 1:
-            shapes += [(128, 4, 1, 2), (128, 4, 3, 1)]
-        for bn, warps, st, chunks in shapes:
+        flush = 2 if bm <= 2 else 4
+        # (block_n, warps, stages, chunks, flush)
+        shapes = [(128, 4, 1, 1, flush), (128, 4, 2, 1, flush), (256, 8, 1, 1, flush), (256, 4, 1, 1, flush)]
+        if bm == 1:  # 64 columns x 2 warps, two chunks an iteration: the H100's M=1 winners in a chain
+            shapes += [(128, 4, 1, 2, flush), (128, 4, 3, 1, flush), (64, 2, 1, 2, 1), (128, 4, 1, 2, 1)]
+        for bn, warps, st, chunks, fl in shapes:
             if n % bn:
                 continue
             for sk in splits(n // bn):
@@ -225,7 +227,7 @@ def candidate_configs(m: int, n: int, k: int) -> list:
                         num_warps=warps,
                         num_stages=st,
                         chunks=chunks,
-                        flush=2 if bm <= 2 else 4,
+                        flush=fl,
                     )
                 )
     if m == 1:

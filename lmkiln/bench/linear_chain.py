@@ -7,11 +7,17 @@ This benchmark times that: 32 layers x (qkv, o, gate_up, down), each with its ow
 dispatcher's choice, what the engine runs) beside fp16 cuBLAS (``F.linear``) and torch's tinygemm (bf16) on
 the same shapes, in the same process. The HBM floor is our bytes over the copy bandwidth measured in the
 run. Results go to ``linear_chain.json``.
+
+``--sweep`` picks launch configurations the same way: for each shape, ``--layers`` distinct weights in one
+graph, every ``fma`` candidate of ``lmkiln bench kernels --tune`` (plus the dispatcher's current choice and
+tinygemm), microseconds per call, to ``linear_chain_sweep.json``. A GEMM timed alone pays its launch, ramp
+and tail in full; inside a forward they overlap, so the winners differ (notes/kernels.md, "Session 5").
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -135,6 +141,92 @@ def run(
     return report
 
 
+def _sweep_shape(
+    name: str, seed: int, ms: Sequence[int], layers: int, group_size: int, rep_ms: int, bw: float
+) -> dict[str, Any]:
+    from lmkiln.bench.kernels import candidate_configs
+    from lmkiln.kernels import dispatch
+    from lmkiln.kernels.w4a16 import make_scratch
+
+    dev = torch.device("cuda")
+    k, n = LLAMA2_7B_SHAPES[name]
+    ws = [make_weights(k, n, group_size, dev, seed=1000 * layer + seed) for layer in range(layers)]
+    tg = [tinygemm_pack(w)[:2] for w in ws]
+    scratch = make_scratch(dev)
+
+    def ours(x: torch.Tensor, cfg: Any) -> None:
+        for w in ws:
+            dispatch.w4a16_matmul(x, w.qweight, w.sz, w.zeros, scratch, cfg)
+
+    def tinygemm(x: torch.Tensor) -> None:
+        for q, sz in tg:
+            torch._weight_int4pack_mm(x, q, group_size, sz)
+
+    by_m: dict[str, Any] = {}
+    for m in ms:
+        x = torch.randn(m, k, device=dev, dtype=torch.float16)
+        current = dispatch.choose_config(m, n, k, group_size, torch.float16, dev)
+        cands = [current] + [c for c in candidate_configs(m, n, k) if c.kind == "fma" and c != current]
+        rows = [
+            {"config": c.to_dict(), "us": _graph_ms(functools.partial(ours, x, c), rep_ms) / layers * 1e3}
+            for c in cands
+        ]
+        rows[0]["current"] = True
+        rows.sort(key=lambda r: r["us"])
+        xb = x.to(torch.bfloat16)
+        by_m[str(m)] = {
+            "floor_us": our_bytes(m, k, n, group_size) / bw / 1e3,
+            "tinygemm_us": _graph_ms(functools.partial(tinygemm, xb), rep_ms) / layers * 1e3,
+            "rows": rows,
+        }
+        cur = next(r["us"] for r in rows if r.get("current"))
+        log.info("%s M=%d: best %.2f us, current %.2f us", name, m, rows[0]["us"], cur)
+    return by_m
+
+
+def sweep(
+    out_dir: Path, ms: Sequence[int], layers: int = LLAMA2_7B_LAYERS, group_size: int = 128, rep_ms: int = 50
+) -> dict[str, Any]:
+    """Per shape and M: every fma candidate timed in a chain of ``layers`` distinct weights (us per call)."""
+    if not torch.cuda.is_available():
+        raise QuantConfigError("bench linear_chain --sweep needs a CUDA GPU (none is visible)")
+    bw = copy_bandwidth_gbps(torch.device("cuda"))
+    shapes = {}
+    for j, name in enumerate(ORDER):
+        shapes[name] = _sweep_shape(name, j, ms, layers, group_size, rep_ms, bw)
+        torch.cuda.empty_cache()
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "copy_bandwidth_gbps": bw,
+        "layers": layers,
+        "group_size": group_size,
+        "shapes": shapes,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "linear_chain_sweep.json", report)
+    return report
+
+
+def format_sweep(report: dict[str, Any]) -> str:
+    lines = [
+        f"{report['device']}: us per call, {report['layers']} distinct weights of one shape in one graph",
+        "| shape | M | best | current | tinygemm | floor | best config |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, by_m in report["shapes"].items():
+        for m, r in by_m.items():
+            best = r["rows"][0]
+            cur = next(x["us"] for x in r["rows"] if x.get("current"))
+            c = best["config"]
+            desc = f"{c['kind']} bn{c['block_n']} w{c['num_warps']} s{c['split_k']} c{c['chunks']}"
+            lines.append(
+                f"| {name} | {m} | {best['us']:.2f} | {cur:.2f} | {r['tinygemm_us']:.2f} "
+                f"| {r['floor_us']:.2f} | {desc} f{c['flush']} |"
+            )
+    return "\n".join(lines)
+
+
 def format_table(report: dict[str, Any]) -> str:
     cols = list(COLUMNS)
     lines = [
@@ -158,7 +250,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128))
     p.add_argument("--rep-ms", type=int, default=200)
     p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="time each fma candidate per shape, in a chain")
     args = p.parse_args(argv)
+    if args.sweep:
+        return report_main(
+            lambda: sweep(args.out, args.m, args.layers, args.group_size, min(args.rep_ms, 50)), format_sweep
+        )
     return report_main(
         lambda: run(args.out, args.m, args.layers, args.group_size, args.rep_ms, not args.no_baselines),
         format_table,
