@@ -128,16 +128,20 @@ def run(
             torch.cuda.empty_cache()
         log.info("M=%d: %s", m, {k: round(v, 3) for k, v in row.items() if isinstance(v, float)})
         rows.append(row)
+    return _write_report(out_dir / "linear_chain.json", bw, layers, group_size, rows=rows)
+
+
+def _write_report(path: Path, bw: float, layers: int, group_size: int, **results: Any) -> dict[str, Any]:
     report = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "copy_bandwidth_gbps": bw,
         "layers": layers,
         "group_size": group_size,
-        "rows": rows,
+        **results,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "linear_chain.json", report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, report)
     return report
 
 
@@ -195,17 +199,7 @@ def sweep(
     for j, name in enumerate(ORDER):
         shapes[name] = _sweep_shape(name, j, ms, layers, group_size, rep_ms, bw)
         torch.cuda.empty_cache()
-    report = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "copy_bandwidth_gbps": bw,
-        "layers": layers,
-        "group_size": group_size,
-        "shapes": shapes,
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "linear_chain_sweep.json", report)
-    return report
+    return _write_report(out_dir / "linear_chain_sweep.json", bw, layers, group_size, shapes=shapes)
 
 
 def format_sweep(report: dict[str, Any]) -> str:

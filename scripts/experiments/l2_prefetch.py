@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from triton.testing import do_bench
 
 from lmkiln.bench.kernels import LLAMA2_7B_SHAPES, make_weights
+from lmkiln.bench.linear_chain import _graph_ms
 from lmkiln.kernels import dispatch
 from lmkiln.kernels.w4a16 import make_scratch
 
@@ -54,18 +54,6 @@ def prefetch(t: torch.Tensor, cap: int, bulk: bool) -> None:
         _prefetch_kernel[(triton.cdiv(nbytes, block),)](flat, nbytes, BLOCK=block, BULK=bulk, num_warps=4)
 
 
-def graph_ms(fn) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return float(do_bench(graph.replay, warmup=20, rep=100, return_mode="median"))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
@@ -81,7 +69,7 @@ def main() -> None:
             for name in ORDER}
     scratch = make_scratch(dev)
     cycles = 10_000
-    sleep_ms = graph_ms(lambda: [torch.cuda._sleep(cycles) for _ in range(100)])
+    sleep_ms = _graph_ms(lambda: [torch.cuda._sleep(cycles) for _ in range(100)], 100)
     cycles_per_us = cycles * 100 / (sleep_ms * 1e3)
     side = torch.cuda.Stream()
     rows = []
@@ -110,7 +98,7 @@ def main() -> None:
                 if cap:
                     main_stream.wait_stream(side)
 
-            rows.append({"gaps": gap_name, "prefetch": variant, "ms": graph_ms(forward)})
+            rows.append({"gaps": gap_name, "prefetch": variant, "ms": _graph_ms(forward, 100)})
             print(rows[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"device": torch.cuda.get_device_name(), "gaps_us": GAPS_US, "rows": rows}
