@@ -32,10 +32,10 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from lmkiln.kernels.reference import check_w4a16_inputs
 from triton.language.extra import libdevice
 
 from lmkiln.errors import QuantConfigError
+from lmkiln.kernels.reference import check_w4a16_inputs
 from lmkiln.quant.pack import GATE_UP_BLOCK, PACK_K, PACK_N
 
 log = logging.getLogger(__name__)
@@ -221,8 +221,10 @@ def _finish_tile(
 ):
     """Store ``acc`` (SPLIT_K == 1) or add it to the tile's split-K partials; the last program writes (through
     :func:`_epilogue`: ``c_ptrs`` / ``c_mask`` are half a tile wide when ``ACT``). It sums the partials in
-    order 0, 1, ..., SPLIT_K - 1 (deterministic); the loop is unrolled to ``SPLIT_P2`` (a power of two >=
-    SPLIT_K) with masked loads, so that all loads are in flight at once instead of one L2 round trip each."""
+    order 0, 1, ..., SPLIT_K - 1 (deterministic). ``SPLIT_P2`` > 0 (a power of two >= SPLIT_K; the small
+    tiles of gemv / fma) unrolls that loop with masked loads, so that all loads are in flight at once
+    instead of one L2 round trip each; 0 keeps it rolled (mma: unrolled over a 16 x 128 tile it raised the
+    kernel from 152 to 183 registers, one CTA less per SM)."""
     DT: tl.constexpr = c_ptrs.dtype.element_ty
     if SPLIT_K == 1:
         tl.store(c_ptrs, _epilogue(acc, DT, ACT), mask=c_mask)
@@ -233,10 +235,13 @@ def _finish_tile(
         count = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
         if count == SPLIT_K - 1:
             total = tl.load(base + local, cache_modifier=".cg")
-            for s in tl.static_range(1, SPLIT_P2):
-                total += tl.load(
-                    base + s * TILE + local, mask=(local * 0 + s) < SPLIT_K, other=0.0, cache_modifier=".cg"
-                )
+            if SPLIT_P2 == 0:  # big tiles (mma): a rolled loop keeps the registers of the whole kernel down
+                for s in range(1, SPLIT_K):
+                    total += tl.load(base + s * TILE + local, cache_modifier=".cg")
+            else:
+                for s in tl.static_range(1, SPLIT_P2):
+                    in_split = (local * 0 + s) < SPLIT_K
+                    total += tl.load(base + s * TILE + local, mask=in_split, other=0.0, cache_modifier=".cg")
             tl.store(c_ptrs, _epilogue(total, DT, ACT), mask=c_mask)
             tl.atomic_xchg(cnt_ptr + tile_id, 0)
 
@@ -998,7 +1003,7 @@ def mma(
         JOIN=cfg.join,
         PACK_N_=PACK_N,
         NUM_STAGES=cfg.num_stages,
-        SPLIT_P2=triton.next_power_of_2(split),
+        SPLIT_P2=0,
         DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
         USE_ASM=not _interpreting(),
         num_warps=cfg.num_warps,
