@@ -314,6 +314,9 @@ class ModelRunner:
         self.device = loaded.device
         self.block_size = config.block_size
         cfg = loaded.config
+        fuse_silu = getattr(self.model, "fuse_gate_up_silu", None)  # before the cache takes the memory
+        if fuse_silu is not None and use_fused_ops(self.device) and fuse_silu():
+            log.info("int4 gate/up interleaved: the decode GEMV applies SiLU·mul as it writes")
         try:
             self.kv_cache = KVCache(
                 cfg.num_layers,
@@ -342,9 +345,6 @@ class ModelRunner:
                 "--cache-max-entry-count"
             ) from e
         self.backend = make_attention_backend(self.device)  # Triton on CUDA (LMKILN_ATTENTION overrides)
-        fuse_silu = getattr(self.model, "fuse_gate_up_silu", None)
-        if fuse_silu is not None and use_fused_ops(self.device) and fuse_silu():
-            log.info("int4 gate/up interleaved: the decode GEMV applies SiLU·mul as it writes")
         self.sampler = Sampler(config.seed)
         log.info(
             "KV cache: %d blocks x %d tokens (%.2f GiB, quant_policy %d, %d attention-sink entries)",

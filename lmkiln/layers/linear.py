@@ -127,7 +127,9 @@ class Int4GateUpSiLU(Int4Linear):
     def from_gate_up(cls, lin: Int4Linear) -> Int4GateUpSiLU:
         from lmkiln.quant.pack import gate_up_interleave
 
-        return cls(*gate_up_interleave(lin.qweight, lin.sz, lin.zeros, lin.bias), in_features=lin.in_features)
+        mod = cls(*gate_up_interleave(lin.qweight, lin.sz, lin.zeros, lin.bias), in_features=lin.in_features)
+        mod.scratch = lin.scratch  # its split-K counters (zero between launches), already on the device
+        return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, silu=True)
