@@ -21,6 +21,8 @@ Four kernels, each with a launcher that validates its inputs (the pure-torch ref
 workspace; the last program to finish a tile (an acq_rel atomic counter) sums the partials in a fixed order,
 writes the output and resets its counter, so results are deterministic and one launch suffices. The counters
 live in a caller-owned ``scratch`` int32 tensor that must start zeroed (every launch leaves it zeroed again).
+``fma(..., silu=True)`` over a gate/up weight interleaved by ``lmkiln.quant.pack.gate_up_interleave`` writes
+``silu(gate) * up`` from the tile it sums (the engine's decode MLP: no separate SiLU·mul launch).
 """
 
 from __future__ import annotations

@@ -196,7 +196,8 @@ def our_bytes(m: int, k: int, n: int, group_size: int, act_bytes: int = 2) -> in
 
 
 def candidate_configs(m: int, n: int, k: int) -> list:
-    """Configurations worth timing for one shape and M (split-K varies without recompiling)."""
+    """Configurations worth timing for one shape and M (split-K is a runtime argument: gemv / fma compile
+    once per power of two of it, mma once)."""
     from lmkiln.kernels.w4a16 import KernelConfig
 
     n_chunks = k // 128
