@@ -192,3 +192,15 @@ def test_use_fused_ops_switch(monkeypatch) -> None:
     monkeypatch.setenv("LMKILN_FUSED", "yes")
     with pytest.raises(ModelError, match="LMKILN_FUSED"):
         use_fused_ops(torch.device("cpu"))
+
+
+def test_silu_mul_over_interleaved_gate_up_blocks() -> None:
+    """What ``dispatch.gate_up_silu`` launches for a GEMM over an interleaved gate/up (M > 8 or bf16): the
+    [g, u] block pairs as two strided views, equal to the torch reference over the same blocks."""
+    from lmkiln.kernels.fused import silu_mul
+    from lmkiln.kernels.reference import gate_up_silu_ref
+
+    y = _rows(5, 256, torch.float32, 11)
+    pairs = y.view(-1, 64)
+    out = silu_mul(pairs[:, :32], pairs[:, 32:]).reshape(5, 128)
+    _close(out, gate_up_silu_ref(y), 4)
