@@ -20,7 +20,7 @@ import torch
 from lmkiln.kernels.reference import check_w4a16_inputs, gate_up_silu_ref, w4a16_matmul_ref
 
 from lmkiln.errors import QuantConfigError
-from lmkiln.quant.pack import GATE_UP_BLOCK, PACK_K, PACK_N
+from lmkiln.quant.pack import GATE_UP_BLOCK, PACK_K, PACK_N, check_gate_up_width
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +185,8 @@ def w4a16_matmul(
         return gate_up_silu_ref(y) if silu else y
     w4a16 = _triton_mod()
     m, n, _, g = w4a16.check_inputs(x2, qweight, sz, zeros)
-    if silu and n % (2 * GATE_UP_BLOCK):
-        raise QuantConfigError(f"silu needs an interleaved gate/up weight (N a multiple of 64), got N={n}")
+    if silu:
+        check_gate_up_width(n)
     if m == 0:
         return x.new_empty((*lead, n // 2 if silu else n))
     cfg = config or choose_config(m, n, k, g, x.dtype, x.device)
@@ -211,8 +211,7 @@ def gate_up_silu(y: torch.Tensor) -> torch.Tensor:
         return gate_up_silu_ref(y)
     from lmkiln.kernels.fused import silu_mul
 
-    if y.shape[-1] % (2 * GATE_UP_BLOCK):
-        raise QuantConfigError(f"an interleaved gate/up output has N a multiple of 64, got {y.shape[-1]}")
+    check_gate_up_width(y.shape[-1])
     pairs = y.contiguous().view(-1, 2 * GATE_UP_BLOCK)
     out = silu_mul(pairs[:, :GATE_UP_BLOCK], pairs[:, GATE_UP_BLOCK:])
     return out.reshape(*y.shape[:-1], y.shape[-1] // 2)

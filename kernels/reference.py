@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 
 from lmkiln.errors import QuantConfigError
-from lmkiln.quant.pack import GATE_UP_BLOCK, PACK_K, PACK_N, SUPPORTED_GROUP_SIZES, dequantize_packed
+from lmkiln.quant.pack import (
+    GATE_UP_BLOCK,
+    PACK_K,
+    PACK_N,
+    SUPPORTED_GROUP_SIZES,
+    check_gate_up_width,
+    dequantize_packed,
+)
 
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -91,10 +98,7 @@ def w4a16_matmul_ref(
 def gate_up_silu_ref(y: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of a GEMM output over a ``gate_up_interleave``-d weight: ``y [..., 2I]`` holds
     blocks ``[g_0, u_0, g_1, u_1, ...]`` of ``GATE_UP_BLOCK`` columns -> ``[..., I]``."""
-    if y.shape[-1] % (2 * GATE_UP_BLOCK):
-        raise QuantConfigError(
-            f"an interleaved gate/up output has a multiple of {2 * GATE_UP_BLOCK} columns, got {y.shape[-1]}"
-        )
+    check_gate_up_width(y.shape[-1])
     blocks = y.unflatten(-1, (-1, 2, GATE_UP_BLOCK))
     out = torch.nn.functional.silu(blocks[..., 0, :]) * blocks[..., 1, :]
     return out.flatten(-2)

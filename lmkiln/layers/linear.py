@@ -82,28 +82,26 @@ class Int4Linear(nn.Module):
             )
         if self.packed_k != self.in_features:
             x = torch.nn.functional.pad(x, (0, self.packed_k - self.in_features))
-        fuse_silu = silu and self.bias is None  # the bias comes before the SiLU
+        fused = silu and self.bias is None and x.device.type == "cuda"  # the bias comes before the SiLU
         if x.device.type == "cuda":
             from lmkiln.kernels.dispatch import w4a16_mm, w4a16_silu_mm
 
             if self.scratch.device != x.device or self.scratch.numel() != SCRATCH_TILES:
                 self.scratch = torch.zeros(SCRATCH_TILES, dtype=torch.int32, device=x.device)
-            op = w4a16_silu_mm if fuse_silu else w4a16_mm
+            op = w4a16_silu_mm if fused else w4a16_mm
             y = op(x.contiguous(), self.qweight, self.sz, self.zeros, self.scratch)
         else:
-            from lmkiln.kernels.reference import gate_up_silu_ref, w4a16_matmul_ref
+            from lmkiln.kernels.reference import w4a16_matmul_ref
 
             if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
                 raise QuantConfigError(f"Int4Linear input must be a float tensor, got {x.dtype}")
             y = w4a16_matmul_ref(x, self.qweight, self.sz)
-            if fuse_silu:
-                y = gate_up_silu_ref(y)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-            if silu:
-                from lmkiln.kernels.dispatch import gate_up_silu
+        if silu and not fused:
+            from lmkiln.kernels.dispatch import gate_up_silu
 
-                y = gate_up_silu(y)
+            y = gate_up_silu(y)
         return y
 
     def extra_repr(self) -> str:

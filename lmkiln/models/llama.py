@@ -316,11 +316,12 @@ class CausalLM(nn.Module):
         without an int4 gate/up, or whose 2 x I is not a multiple of 64, keep the separate SiLU kernel.
         Idempotent. The engine calls it where it runs the fused kernels."""
         from lmkiln.layers import Int4GateUpSiLU, Int4Linear
+        from lmkiln.quant.pack import GATE_UP_BLOCK
 
         changed = 0
         for layer in self.model.layers:
             lin = layer.mlp.gate_up_proj
-            if type(lin) is Int4Linear and lin.out_features % 64 == 0:
+            if type(lin) is Int4Linear and lin.out_features % (2 * GATE_UP_BLOCK) == 0:
                 layer.mlp.gate_up_proj = Int4GateUpSiLU.from_gate_up(lin)
                 changed += 1
         return changed

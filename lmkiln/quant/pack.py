@@ -226,6 +226,15 @@ def fuse_awq_along_n(
     )
 
 
+def check_gate_up_width(n: int) -> None:
+    """An interleaved gate/up (weight or output) has ``2I`` columns: whole (gate, up) block pairs."""
+    if n % (2 * GATE_UP_BLOCK):
+        raise QuantConfigError(
+            f"an interleaved gate/up has a multiple of {2 * GATE_UP_BLOCK} columns (whole gate and up blocks "
+            f"of {GATE_UP_BLOCK}), got {n}"
+        )
+
+
 def gate_up_interleave(
     qweight: torch.Tensor, sz: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -235,11 +244,7 @@ def gate_up_interleave(
 
     Whole column blocks of the tiled layout move, so this is an index copy, exact. New tensors."""
     n = check_packed_tensors(qweight, sz, zeros)[1]
-    if n % (2 * GATE_UP_BLOCK):
-        raise QuantConfigError(
-            f"gate/up interleave needs 2 x I to be a multiple of {2 * GATE_UP_BLOCK}, got N={n}; keep the "
-            "plain fused layout (and the separate SiLU kernel) for this model"
-        )
+    check_gate_up_width(n)
     nb = n // (2 * GATE_UP_BLOCK)  # gate blocks (= up blocks)
     blocks = torch.stack([torch.arange(nb), nb + torch.arange(nb)], dim=1).reshape(-1)  # g0 u0 g1 u1 ...
     cols = (blocks[:, None] * GATE_UP_BLOCK + torch.arange(GATE_UP_BLOCK)).reshape(-1)
