@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from lmkiln.kernels.kv_cache import interpreting
+from lmkiln.kernels import pdl
+from lmkiln.kernels.pdl import interpreting
 from triton.language.extra import libdevice
 
 from lmkiln.errors import KernelInputError
@@ -39,9 +40,9 @@ def _warps(block: int) -> int:
     return 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
 
 
-def _launch_opts() -> dict:
+def _launch_opts(on_pdl: bool) -> dict:
     # FMA contraction would fuse a rounded product into the next add (fp32) and break bit-equality
-    return {} if interpreting() else {"enable_fp_fusion": False}
+    return {} if interpreting() else {"enable_fp_fusion": False, **pdl.launch_opts(on_pdl)}
 
 
 def _check(x: torch.Tensor, name: str, dim: int | None = None) -> None:
@@ -100,7 +101,9 @@ def _rmsnorm_kernel(
     HAS_RES: tl.constexpr,
     BLOCK_N: tl.constexpr,
     INTERP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < N
@@ -148,6 +151,7 @@ def _norm(
     if rows == 0:
         return y, (ro if residual is not None else None)
     block = triton.next_power_of_2(n)
+    on = pdl.enabled(x.device)
     _rmsnorm_kernel[(rows,)](
         x2,
         r2,
@@ -164,8 +168,9 @@ def _norm(
         HAS_RES=residual is not None,
         BLOCK_N=block,
         INTERP=interpreting(),
+        PDL=on,
         num_warps=_warps(block),
-        **_launch_opts(),
+        **_launch_opts(on),
     )
     return y, (ro if residual is not None else None)
 
@@ -221,7 +226,9 @@ def _rotary_kernel(
     D2,
     BLOCK_H: tl.constexpr,
     HALF: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.enter(PDL)
     tok = tl.program_id(0).to(tl.int64)
     head0 = tl.program_id(1) * BLOCK_H
     offs_d = tl.arange(0, HALF)
@@ -261,6 +268,7 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     half = triton.next_power_of_2(d // 2)
     block_h = min(triton.next_power_of_2(max(hq, hk)), max(1, 4096 // half))
     grid = (t, triton.cdiv(max(hq, hk), block_h))
+    on = pdl.enabled(q.device)
     _rotary_kernel[grid](
         q,
         k,
@@ -277,8 +285,9 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         d // 2,
         BLOCK_H=block_h,
         HALF=half,
+        PDL=on,
         num_warps=4 if block_h * half >= 1024 else 2,
-        **_launch_opts(),
+        **_launch_opts(on),
     )
 
 
@@ -296,7 +305,9 @@ def _silu_mul_kernel(
     N,
     BLOCK_N: tl.constexpr,
     INTERP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = offs < N
@@ -337,6 +348,7 @@ def silu_mul(gate_up: torch.Tensor, up: torch.Tensor | None = None) -> torch.Ten
     if rows == 0 or n == 0:
         return out
     block = min(triton.next_power_of_2(n), 2048)
+    on = pdl.enabled(gate.device)
     _silu_mul_kernel[(rows, triton.cdiv(n, block))](
         g2,
         u2,
@@ -347,7 +359,8 @@ def silu_mul(gate_up: torch.Tensor, up: torch.Tensor | None = None) -> torch.Ten
         n,
         BLOCK_N=block,
         INTERP=interpreting(),
+        PDL=on,
         num_warps=_warps(block),
-        **_launch_opts(),
+        **_launch_opts(on),
     )
     return out

@@ -12,12 +12,12 @@ attention sinks: a token with ``sink_slot >= 0`` stores its exact K (offset subt
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from lmkiln.kernels import pdl
 from lmkiln.kernels.attention_ref import INT4_CLIP_STEP, INT4_CLIP_STEPS
+from lmkiln.kernels.pdl import interpreting
 from triton.language.extra import libdevice
 
 from lmkiln.errors import KernelInputError
@@ -27,11 +27,6 @@ SZ_DTYPE = torch.float16
 _CLIP_STEPS = tl.constexpr(INT4_CLIP_STEPS)
 _CLIP_STEP = tl.constexpr(INT4_CLIP_STEP)
 KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def interpreting() -> bool:
-    """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -199,7 +194,9 @@ def _write_kv_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INTERP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.enter(PDL)
     tok = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -358,6 +355,7 @@ def write_kv(
     block_d = triton.next_power_of_2(d // 2 if bits == 4 else d)
     block_h = min(triton.next_power_of_2(hk), max(1, 2048 // block_d))
     dummy = k_cache  # never dereferenced when bits == 0
+    on = pdl.enabled(k.device)
     _write_kv_kernel[(t, triton.cdiv(hk, block_h))](
         k,
         v,
@@ -383,6 +381,8 @@ def write_kv(
         BLOCK_H=block_h,
         BLOCK_D=block_d,
         INTERP=interpreting(),
+        PDL=on,
         num_warps=4 if block_h * block_d >= 1024 else 1,
         enable_fp_fusion=False,  # no FMA contraction: the int4 range search must round as the reference does
+        **pdl.launch_opts(on),
     )

@@ -34,7 +34,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from lmkiln.kernels.kv_cache import check_cache, check_sink, interpreting
+from lmkiln.kernels import pdl
+from lmkiln.kernels.kv_cache import check_cache, check_sink
+from lmkiln.kernels.pdl import interpreting
 
 from lmkiln.errors import KernelInputError
 
@@ -128,7 +130,9 @@ def _paged_attn_kernel(
     F32: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     HAS_SINK: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
+    pdl.enter(PDL)
     b = tl.program_id(0)
     hk = tl.program_id(1)
     if SPLITS > 1:
@@ -250,8 +254,10 @@ def _merge_kernel(
     SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Combine the ``SPLITS`` partial ``(acc, m, l)`` of one (row, head) into the output."""
+    pdl.enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     sp = tl.arange(0, BLOCK_S)
@@ -410,6 +416,7 @@ def _launch(
     else:
         ws = ml = out
     f32 = q.dtype == torch.float32 or interpreting()
+    on = pdl.enabled(q.device)
     _paged_attn_kernel[(nseq, hk, n_tiles * splits)](
         q,
         k_cache,
@@ -445,7 +452,9 @@ def _launch(
         F32=f32,
         NUM_STAGES=num_stages,
         HAS_SINK=sink is not None and sink_idx is not None,
+        PDL=on,
         num_warps=num_warps,
+        **pdl.launch_opts(on),
     )
     if splits > 1:
         _merge_kernel[(t, hq)](
@@ -459,7 +468,9 @@ def _launch(
             SPLITS=splits,
             BLOCK_S=triton.next_power_of_2(splits),
             BLOCK_D=triton.next_power_of_2(d),
+            PDL=on,
             num_warps=4 if d >= 128 else 2,
+            **pdl.launch_opts(on),
         )
 
 

@@ -28,16 +28,16 @@ live in a caller-owned ``scratch`` int32 tensor that must start zeroed (every la
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from lmkiln.kernels import pdl
+from lmkiln.kernels.reference import check_w4a16_inputs
 from triton.language.extra import libdevice
 
 from lmkiln.errors import QuantConfigError
-from lmkiln.kernels.reference import check_w4a16_inputs
 from lmkiln.quant.pack import GATE_UP_BLOCK, PACK_K, PACK_N
 
 log = logging.getLogger(__name__)
@@ -279,7 +279,9 @@ def _gemv_kernel(
     PACK_N_: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     SPLIT_P2: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.wait(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rr = tl.arange(0, 16)
@@ -308,6 +310,7 @@ def _gemv_kernel(
             s, m = _load_sm(sz_ptr, (c * 128 + j * 32 * SPG) // GROUP, N, offs_n)
             acc += p * (s.to(tl.float32) * 16777216.0)[None, :] + xs[:, None] * m.to(tl.float32)[None, :]
     part = tl.sum(acc, axis=0)
+    pdl.trigger(PDL)
     _finish_tile(
         part,
         y_ptr + offs_n,
@@ -463,6 +466,8 @@ def _fma_kernel(
     F16ASM: tl.constexpr,
     ACT: tl.constexpr,
     SPLIT_P2: tl.constexpr,
+    PDL: tl.constexpr,
+    PF_ROWS: tl.constexpr,
 ):
     """``y = x @ W`` for ``BLOCK_M`` (1..8) activation rows per program on the CUDA cores (``ACT``: the SiLU
     epilogue of an interleaved gate/up weight, see :func:`_epilogue`; ``y`` is then ``[M, N / 2]``).
@@ -497,6 +502,13 @@ def _fma_kernel(
     per = tl.cdiv(n_chunks, SPLIT_K)
     c_lo = pid_k * per
     c_hi = tl.minimum(c_lo + per, n_chunks)
+    if PF_ROWS > 0:
+        # before the wait (PDL): pull the first PF_ROWS word-rows of each of the tile's panels into L2
+        NP: tl.constexpr = BLOCK_N // PACK_N_
+        li = tl.arange(0, PF_ROWS * NP)
+        r = tl.minimum(c_lo * 16 + li % PF_ROWS, c_hi * 16 - 1)
+        pdl.prefetch_l2(qw_ptr + (pid_n * NP + li // PF_ROWS) * (KW * PACK_N_) + r * PACK_N_)
+    pdl.wait(PDL)
     acc = tl.zeros((BLOCK_M, SUB, BLOCK_N), dtype=tl.float32)
     zero = tl.zeros((BLOCK_M, SUB, BLOCK_N), dtype=tl.int32)
     for c0 in tl.range(c_lo, c_hi, CPI, num_stages=NUM_STAGES):
@@ -549,6 +561,7 @@ def _fma_kernel(
                             part += xlo * lo + xhi * hi
                         acc += part * s
     out = tl.sum(acc, axis=1)  # [BLOCK_M, BLOCK_N]
+    pdl.trigger(PDL)
     local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     OUT_N: tl.constexpr = BLOCK_N // 2 if ACT else BLOCK_N
     offs_o = pid_n * OUT_N + tl.arange(0, OUT_N)
@@ -600,11 +613,13 @@ def _mma_kernel(
     DOT_F32: tl.constexpr,
     USE_ASM: tl.constexpr,
     SPLIT_P2: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """ZFOLD: B = ``q - z`` (exact small integers; for fp16 as subnormals ``(q - z) * 2**-24`` so the
     conversion is one AND), one fp32 accumulator per group, ``acc += acc_g * s`` (the AWQ value
     ``(q - z) * s`` exactly; best for small M). Otherwise B = ``q * s + m`` rounded to the activation dtype in
     registers and one accumulator (best for large M, keeps the MMAs in flight)."""
+    pdl.wait(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -707,6 +722,7 @@ def _mma_kernel(
                         acc = _dot(a, b, acc, DOT_F32)
             if ZFOLD:
                 acc += accg * (s16.to(tl.float32) * ZSCALE)[None, :]
+    pdl.trigger(PDL)
     local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
     _finish_tile(
@@ -763,16 +779,12 @@ def _dequant_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def check_inputs(
     x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, zeros: torch.Tensor | None = None
 ) -> tuple[int, int, int, int]:
     """Validate a 2-D activation and packed weights for a kernel launch; return ``(M, N, K, group_size)``."""
     m, n, k, g = check_w4a16_inputs(x, qweight, sz, zeros)
-    if x.device.type != "cuda" and not _interpreting():
+    if x.device.type != "cuda" and not pdl.interpreting():
         raise QuantConfigError(
             f"Triton kernels need a CUDA device (x is on {x.device}); use lmkiln.kernels.reference on the "
             "CPU "
@@ -854,6 +866,7 @@ def gemv(
     y = out if out is not None else torch.empty((1, n), dtype=x.dtype, device=x.device)
     tiles = n // cfg.block_n
     cnt, ws = _split_buffers(scratch, tiles, split, cfg.block_n, x.device)
+    on = pdl.enabled(x.device)
     _gemv_kernel[(tiles, split)](
         x,
         qweight,
@@ -870,9 +883,22 @@ def gemv(
         PACK_N_=PACK_N,
         NUM_STAGES=cfg.num_stages,
         SPLIT_P2=triton.next_power_of_2(split),
+        PDL=on,
         num_warps=cfg.num_warps,
+        **pdl.launch_opts(on),
     )
     return y
+
+
+def _prefetch_rows(on: bool, n: int, n_chunks: int, split: int) -> int:
+    """Word-rows (a power of two, or 0) each fma program prefetches into L2 before its PDL wait: as many as
+    keep the launch's prefetch within ``pdl.prefetch_bytes()``, at most the program's share of K."""
+    if not on:
+        return 0
+    rows = pdl.prefetch_bytes() // ((n // PACK_N) * split * PACK_N * 4)
+    if rows < 1:
+        return 0
+    return min(1 << (rows.bit_length() - 1), triton.next_power_of_2(triton.cdiv(n_chunks, split) * 16))
 
 
 def _fma_sub(cfg: KernelConfig) -> int:
@@ -921,9 +947,10 @@ def fma(
     grid_m = triton.cdiv(m, cfg.block_m)
     tiles = grid_m * (n // cfg.block_n)
     split, cnt, ws = _plan_split(cfg.split_k, n_chunks, tiles, cfg.block_m * cfg.block_n, scratch, x.device)
-    f16asm = x.dtype == torch.float16 and not _interpreting()
+    f16asm = x.dtype == torch.float16 and not pdl.interpreting()
     if f16asm and x.data_ptr() % 4:
         x = x.clone()  # the (x[k], x[k+1]) pairs are read as int32
+    on = pdl.enabled(x.device)
     _fma_kernel[(n // cfg.block_n, split, grid_m)](
         x,
         x.view(torch.int32) if f16asm else x,
@@ -951,9 +978,12 @@ def fma(
         SPLIT_P2=triton.next_power_of_2(split),
         PACK_N_=PACK_N,
         F16ASM=f16asm,
-        ACT=(2 if _interpreting() else 1) if silu else 0,
+        ACT=(2 if pdl.interpreting() else 1) if silu else 0,
+        PDL=on,
+        PF_ROWS=_prefetch_rows(on, n, n_chunks, split),
         num_warps=cfg.num_warps,
-        **({"enable_fp_fusion": False} if silu and not _interpreting() else {}),
+        **({"enable_fp_fusion": False} if silu and not pdl.interpreting() else {}),
+        **pdl.launch_opts(on),
     )
     return y
 
@@ -982,6 +1012,7 @@ def mma(
     y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(m, cfg.block_m) * (n // cfg.block_n)
     split, cnt, ws = _plan_split(cfg.split_k, n_chunks, tiles, cfg.block_m * cfg.block_n, scratch, x.device)
+    on = pdl.enabled(x.device)
     _mma_kernel[(tiles, split)](
         x,
         qweight,
@@ -1006,9 +1037,11 @@ def mma(
         PACK_N_=PACK_N,
         NUM_STAGES=cfg.num_stages,
         SPLIT_P2=0,
-        DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
-        USE_ASM=not _interpreting(),
+        DOT_F32=pdl.interpreting() and x.dtype == torch.bfloat16,
+        USE_ASM=not pdl.interpreting(),
+        PDL=on,
         num_warps=cfg.num_warps,
+        **pdl.launch_opts(on),
     )
     return y
 

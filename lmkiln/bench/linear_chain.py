@@ -8,6 +8,9 @@ dispatcher's choice, what the engine runs) beside fp16 cuBLAS (``F.linear``) and
 the same shapes, in the same process. The HBM floor is our bytes over the copy bandwidth measured in the
 run. Results go to ``linear_chain.json``.
 
+``--pdl off 0 8 16`` also times our chain with programmatic dependent launch off, and on with each L2
+prefetch budget in MiB (``lmkiln.kernels.pdl``), into ``row["pdl"]``.
+
 ``--sweep`` picks launch configurations the same way: for each shape, ``--layers`` distinct weights in one
 graph, every ``fma`` candidate of ``lmkiln bench kernels --tune`` (plus the dispatcher's current choice and
 tinygemm), microseconds per call, to ``linear_chain_sweep.json``. A GEMM timed alone pays its launch, ramp
@@ -66,10 +69,11 @@ def run(
     group_size: int = 128,
     rep_ms: int = 200,
     baselines: bool = True,
+    pdl_variants: Sequence[str] = (),
 ) -> dict[str, Any]:
     if not torch.cuda.is_available():
         raise QuantConfigError("bench linear_chain needs a CUDA GPU (none is visible)")
-    from lmkiln.kernels import dispatch
+    from lmkiln.kernels import dispatch, pdl
     from lmkiln.kernels.w4a16 import make_scratch
 
     dev = torch.device("cuda")
@@ -103,6 +107,10 @@ def run(
 
         row["ours"] = _graph_ms(ours, rep_ms)
         row["kinds"] = {name: c.kind for name, c in cfgs.items()}
+        row["pdl"] = {}
+        for variant in pdl_variants:
+            with pdl.setting(variant):
+                row["pdl"][variant] = _graph_ms(ours, rep_ms)
         if baselines:
             import torch.nn.functional as F
 
@@ -231,6 +239,10 @@ def format_table(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         cells = [f"{row[c]:.3f}" if c in row else "-" for c in cols]
         lines.append(f"| {row['m']} | " + " | ".join(cells) + " |")
+    for row in report["rows"]:
+        if row.get("pdl"):
+            pdl = ", ".join(f"{v}: {ms:.3f}" for v, ms in row["pdl"].items())
+            lines.append(f"M={row['m']} ours with PDL off / on with N MiB prefetch: {pdl}")
     return "\n".join(lines)
 
 
@@ -244,6 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128))
     p.add_argument("--rep-ms", type=int, default=200)
     p.add_argument("--no-baselines", action="store_true")
+    p.add_argument(
+        "--pdl", nargs="+", default=[], metavar="VARIANT",
+        help="also time ours with PDL 'off' and on with each prefetch budget in MiB, e.g. --pdl off 0 8",
+    )
     p.add_argument("--sweep", action="store_true", help="time each fma candidate per shape, in a chain")
     args = p.parse_args(argv)
     if args.sweep:
@@ -251,7 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             lambda: sweep(args.out, args.m, args.layers, args.group_size, min(args.rep_ms, 50)), format_sweep
         )
     return report_main(
-        lambda: run(args.out, args.m, args.layers, args.group_size, args.rep_ms, not args.no_baselines),
+        lambda: run(
+            args.out, args.m, args.layers, args.group_size, args.rep_ms, not args.no_baselines, args.pdl
+        ),
         format_table,
     )
 

@@ -1,8 +1,11 @@
-"""The KV-write and paged-attention kernels compiled for an H100 (sm_90) on any machine: the CPU interpreter
-accepts code that the GPU compiler refuses (a jit function reading a plain global, reassigning a constexpr,
-a branch the compiler cannot type), so CI compiles the write kernel's int8 and int4 variants and the int4
-decode kernel (with attention sinks) ahead of time, in a subprocess without ``TRITON_INTERPRET`` (the
-interpreter replaces the jit functions at import). Skipped where Triton has no CUDA backend or ptxas."""
+"""The decode step's kernels compiled for an H100 (sm_90) on any machine.
+
+The CPU interpreter accepts code that the GPU compiler refuses (a jit function reading a plain global,
+reassigning a constexpr, a branch the compiler cannot type), and it never runs the GPU-only paths (inline
+PTX, programmatic dependent launch). So CI compiles the write kernel's int8 and int4 variants, the int4 decode
+kernel (with attention sinks), the fp16 ``fma`` GEMV with its SiLU epilogue and L2 prefetch, and the norm and
+rotary kernels ahead of time, all with PDL on, in a subprocess without ``TRITON_INTERPRET`` (the interpreter
+replaces the jit functions at import). Skipped where Triton has no CUDA backend or ptxas."""
 
 from __future__ import annotations
 
@@ -22,18 +25,43 @@ try:
     from triton.compiler import ASTSource
 except ImportError as e:
     print("SKIP", e); sys.exit(0)
+from lmkiln.kernels.fused import _rmsnorm_kernel, _rotary_kernel
 from lmkiln.kernels.kv_cache import _write_kv_kernel
 from lmkiln.kernels.paged_attention import _paged_attn_kernel
+from lmkiln.kernels.w4a16 import _fma_kernel
 
 kind = sys.argv[1]
-if kind == "attn4":  # int4 decode (2 splits), fp16, GQA 4, with attention sinks
-    fn, name, options = _paged_attn_kernel, "_paged_attn_kernel", {"num_warps": 2}
+options = {"num_warps": 2}
+if kind == "fma":  # M=1 fp16 gate/up with the SiLU epilogue, split-K 4, PDL with an L2 prefetch
+    fn, name = _fma_kernel, "_fma_kernel"
+    ptrs = {"x_ptr": "*fp16", "xp_ptr": "*i32", "qw_ptr": "*i32", "sz_ptr": "*fp16", "szp_ptr": "*i32",
+            "zp_ptr": "*u8", "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+    ints = ["M", "N", "KW", "n_chunks", "stride_xm", "stride_ym", "SPLIT_K"]
+    consts = {"GROUP": 128, "BLOCK_M": 1, "BLOCK_N": 64, "SUB": 4, "CPI": 2, "FLUSH": 1, "NUM_STAGES": 2,
+              "PACK_N_": 32, "F16ASM": True, "ACT": 1, "SPLIT_P2": 4, "PDL": True, "PF_ROWS": 16}
+    sig = {**ptrs, **{k: "i32" for k in ints}, **{k: "constexpr" for k in consts}}
+    options["enable_fp_fusion"] = False
+elif kind == "norm":  # add + RMSNorm, hidden 4096
+    fn, name = _rmsnorm_kernel, "_rmsnorm_kernel"
+    ptrs = {k: "*fp16" for k in ("x_ptr", "r_ptr", "w_ptr", "y_ptr", "ro_ptr")}
+    ints = {k: "i32" for k in ("stride_x", "stride_r", "stride_y", "stride_ro", "N")}
+    consts = {"HAS_RES": True, "BLOCK_N": 4096, "INTERP": False, "PDL": True}
+    sig = {**ptrs, **ints, "inv_n": "fp32", "eps": "fp32", **{k: "constexpr" for k in consts}}
+elif kind == "rotary":
+    fn, name = _rotary_kernel, "_rotary_kernel"
+    ints = ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_ct", "stride_st", "Hq", "Hk", "D2"]
+    consts = {"BLOCK_H": 32, "HALF": 64, "PDL": True}
+    sig = {**{k: "*fp16" for k in ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr")}, **{k: "i32" for k in ints},
+           **{k: "constexpr" for k in consts}}
+elif kind == "attn4":  # int4 decode (2 splits), fp16, GQA 4, with attention sinks
+    fn, name = _paged_attn_kernel, "_paged_attn_kernel"
     ptrs = {"q_ptr": "*fp16", "k_ptr": "*u8", "v_ptr": "*u8", "ksz_ptr": "*fp16", "vsz_ptr": "*fp16",
             "o_ptr": "*fp16", "ws_ptr": "*fp32", "ml_ptr": "*fp32", "tables_ptr": "*i32", "qsl_ptr": "*i32",
             "lens_ptr": "*i32", "sink_ptr": "*fp16", "sidx_ptr": "*i32", "qk_scale": "fp32"}
     ints = ["stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_bt", "max_blocks", "Hk", "DH"]
     consts = {"G": 4, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_DH": 64, "PAGE": 64, "BITS": 4, "SPLITS": 2,
-              "DECODE": True, "CT": triton.language.float16, "F32": False, "NUM_STAGES": 2, "HAS_SINK": True}
+              "DECODE": True, "CT": triton.language.float16, "F32": False, "NUM_STAGES": 2, "HAS_SINK": True,
+              "PDL": True}
     sig = {**ptrs, **{k: "i32" for k in ints}, **{k: "constexpr" for k in consts}}
 else:
     bits = int(kind)
@@ -44,18 +72,27 @@ else:
         "num_slots": "i32", "num_sinks": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_vt": "i32",
         "stride_vh": "i32", "Hk": "i32", "D": "i32", "BITS": "constexpr", "HAS_OFF": "constexpr",
         "HAS_SINK": "constexpr", "BLOCK_H": "constexpr", "BLOCK_D": "constexpr", "INTERP": "constexpr",
+        "PDL": "constexpr",
     }
     consts = {"BITS": bits, "HAS_OFF": True, "HAS_SINK": True, "BLOCK_H": 16,
-              "BLOCK_D": 64 if bits == 4 else 128, "INTERP": False}
+              "BLOCK_D": 64 if bits == 4 else 128, "INTERP": False, "PDL": True}
 try:
     k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=options)
 except FileNotFoundError as e:  # no ptxas
     print("SKIP", e); sys.exit(0)
-print("PTX" if f".entry {name}" in k.asm["ptx"] else "NO ENTRY")
+ptx = k.asm["ptx"]
+if f".entry {name}" not in ptx:
+    print("NO ENTRY")
+elif "griddepcontrol.wait" not in ptx or "griddepcontrol.launch_dependents" not in ptx:
+    print("NO PDL")
+elif kind == "fma" and "prefetch.global.L2" not in ptx:
+    print("NO PREFETCH")
+else:
+    print("PTX")
 """
 
 
-@pytest.mark.parametrize("kind", ["8", "4", "attn4"])
+@pytest.mark.parametrize("kind", ["8", "4", "attn4", "fma", "norm", "rotary"])
 def test_kernels_compile_for_sm90(kind) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run(
