@@ -192,7 +192,7 @@ def add_rmsnorm(
 
 
 @triton.jit
-def _rotate_heads(x_ptr, tok, stride_t, stride_h, H, head0, c1, c2, s1, s2, D2, BLOCK_H, HALF):
+def rotate_heads(x_ptr, tok, stride_t, stride_h, H, head0, c1, c2, s1, s2, D2, BLOCK_H, HALF):
     """Rotate heads ``head0 .. head0 + BLOCK_H`` of token ``tok`` in place (rotate-half convention)."""
     offs_h = head0 + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HALF)
@@ -207,6 +207,20 @@ def _rotate_heads(x_ptr, tok, stride_t, stride_h, H, head0, c1, c2, s1, s2, D2, 
     o2 = (x2f * c2).to(dt).to(tl.float32) + (x1f * s2).to(dt).to(tl.float32)
     tl.store(p, o1.to(dt), mask=m)
     tl.store(p + D2, o2.to(dt), mask=m)
+
+
+@triton.jit
+def cos_sin(cos_ptr, sin_ptr, tok, stride_ct, stride_st, D2, HALF: tl.constexpr):
+    """Token ``tok``'s cos / sin, each as its two halves ``[1, HALF]`` in float32."""
+    offs_d = tl.arange(0, HALF)
+    dm = offs_d < D2
+    cp = cos_ptr + tok * stride_ct + offs_d
+    sp = sin_ptr + tok * stride_st + offs_d
+    c1 = tl.load(cp, mask=dm, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(cp + D2, mask=dm, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(sp, mask=dm, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(sp + D2, mask=dm, other=0.0).to(tl.float32)[None, :]
+    return c1, c2, s1, s2
 
 
 @triton.jit
@@ -231,28 +245,19 @@ def _rotary_kernel(
     pdl.enter(PDL)
     tok = tl.program_id(0).to(tl.int64)
     head0 = tl.program_id(1) * BLOCK_H
-    offs_d = tl.arange(0, HALF)
-    dm = offs_d < D2
-    cp = cos_ptr + tok * stride_ct + offs_d
-    sp = sin_ptr + tok * stride_st + offs_d
-    c1 = tl.load(cp, mask=dm, other=0.0).to(tl.float32)[None, :]
-    c2 = tl.load(cp + D2, mask=dm, other=0.0).to(tl.float32)[None, :]
-    s1 = tl.load(sp, mask=dm, other=0.0).to(tl.float32)[None, :]
-    s2 = tl.load(sp + D2, mask=dm, other=0.0).to(tl.float32)[None, :]
-    _rotate_heads(q_ptr, tok, stride_qt, stride_qh, Hq, head0, c1, c2, s1, s2, D2, BLOCK_H, HALF)
-    _rotate_heads(k_ptr, tok, stride_kt, stride_kh, Hk, head0, c1, c2, s1, s2, D2, BLOCK_H, HALF)
+    c1, c2, s1, s2 = cos_sin(cos_ptr, sin_ptr, tok, stride_ct, stride_st, D2, HALF)
+    rotate_heads(q_ptr, tok, stride_qt, stride_qh, Hq, head0, c1, c2, s1, s2, D2, BLOCK_H, HALF)
+    rotate_heads(k_ptr, tok, stride_kt, stride_kh, Hk, head0, c1, c2, s1, s2, D2, BLOCK_H, HALF)
 
 
-def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """In place: ``q = q * cos + rotate_half(q) * sin``, same for ``k`` (``cos``/``sin [T, D]`` per token).
-
-    ``q [T, Hq, D]`` and ``k [T, Hk, D]`` may be strided views (last dim contiguous) and must not overlap."""
+def check_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Validate :func:`rotary_`'s inputs (also those of ``kv_cache.write_kv``'s fused rotary)."""
     for name, x in (("q", q), ("k", k)):
         _check(x, name, dim=3)
     for name, x in (("cos", cos), ("sin", sin)):
         _check(x, name, dim=2)
     _same({"q": q, "k": k, "cos": cos, "sin": sin}, "rotary")
-    t, hq, d = q.shape
+    t, _, d = q.shape
     if k.shape[0] != t or k.shape[2] != d:
         raise KernelInputError(
             f"k {list(k.shape)} must be [{t}, num_kv_heads, {d}] to match q {list(q.shape)}"
@@ -262,6 +267,14 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     for name, x in (("cos", cos), ("sin", sin)):
         if tuple(x.shape) != (t, d):
             raise KernelInputError(f"{name} must be [tokens, head_dim] = [{t}, {d}], got {list(x.shape)}")
+
+
+def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """In place: ``q = q * cos + rotate_half(q) * sin``, same for ``k`` (``cos``/``sin [T, D]`` per token).
+
+    ``q [T, Hq, D]`` and ``k [T, Hk, D]`` may be strided views (last dim contiguous) and must not overlap."""
+    check_rotary(q, k, cos, sin)
+    t, hq, d = q.shape
     hk = k.shape[1]
     if t == 0 or hq + hk == 0:
         return

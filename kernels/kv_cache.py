@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from lmkiln.kernels import pdl
 from lmkiln.kernels.attention_ref import INT4_CLIP_STEP, INT4_CLIP_STEPS
+from lmkiln.kernels.fused import check_rotary, cos_sin, rotate_heads
 from lmkiln.kernels.pdl import interpreting
 from triton.language.extra import libdevice
 
@@ -172,6 +173,9 @@ def _write_one(
 def _write_kv_kernel(
     k_ptr,
     v_ptr,
+    q_ptr,
+    cos_ptr,
+    sin_ptr,
     kc_ptr,
     vc_ptr,
     ksz_ptr,
@@ -186,6 +190,11 @@ def _write_kv_kernel(
     stride_kh,
     stride_vt,
     stride_vh,
+    stride_qt,
+    stride_qh,
+    stride_ct,
+    stride_st,
+    Hq,
     Hk,
     D,
     BITS: tl.constexpr,
@@ -195,9 +204,20 @@ def _write_kv_kernel(
     BLOCK_D: tl.constexpr,
     INTERP: tl.constexpr,
     PDL: tl.constexpr,
+    ROTARY: tl.constexpr = False,
+    BLOCK_HQ: tl.constexpr = 1,
+    HALF: tl.constexpr = 1,
 ):
     pdl.enter(PDL)
     tok = tl.program_id(0)
+    if ROTARY:  # rotate this token's K heads of the program, and their group's Q heads, in place first
+        c1, c2, s1, s2 = cos_sin(cos_ptr, sin_ptr, tok, stride_ct, stride_st, D // 2, HALF)
+        head0 = tl.program_id(1) * BLOCK_H
+        rotate_heads(k_ptr, tok, stride_kt, stride_kh, Hk, head0, c1, c2, s1, s2, D // 2, BLOCK_H, HALF)
+        q0 = head0 * (Hq // Hk)
+        q_end = tl.minimum(Hq, q0 + BLOCK_H * (Hq // Hk))
+        rotate_heads(q_ptr, tok, stride_qt, stride_qh, q_end, q0, c1, c2, s1, s2, D // 2, BLOCK_HQ, HALF)
+        tl.debug_barrier()  # the rotated K, stored by other threads of the program, is read back below
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     # the slot as a [BLOCK_H] vector: the interpreter mis-types (scalar bool & bool tensor)
@@ -312,13 +332,15 @@ def write_kv(
     k_offset: torch.Tensor | None = None,
     sink: torch.Tensor | None = None,
     sink_slot: torch.Tensor | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Store ``k, v [T, Hk, D]`` in the slots ``slot_mapping [T]`` (quantized when ``bits`` is 4 or 8).
 
     Same contract as ``write_kv_ref`` (``k_offset``: a float32 ``[Hk, D]`` subtracted from K before it is
     quantized; ``sink [E, 2, Hk, D]`` with ``sink_slot [T]``: exact copies of the tokens whose sink slot is
     >= 0), plus: slots < 0 are skipped, and so are sink slots < 0 or >= E. No host synchronisation (CUDA-graph
-    capturable)."""
+    capturable). ``rope = (q, cos, sin)``: first rotate ``q [T, Hq, D]`` and ``k`` in place, exactly as
+    ``fused.rotary_(q, k, cos, sin)`` does (one launch instead of two; Hq a multiple of Hk)."""
     _check_tokens(k, "k")
     _check_tokens(v, "v")
     if k.shape != v.shape:
@@ -350,15 +372,25 @@ def write_kv(
             raise KernelInputError(f"sink_slot is on {sink_slot.device} but k on {k.device}")
     else:
         sink = sink_slot = None
+    if rope is not None:
+        check_rotary(rope[0], k, rope[1], rope[2])
+        if hk == 0 or rope[0].shape[1] % hk:
+            raise KernelInputError(
+                f"rope's q has {rope[0].shape[1]} heads: the fused rotary needs a multiple of k's {hk} heads"
+            )
     if t == 0:
         return
     block_d = triton.next_power_of_2(d // 2 if bits == 4 else d)
     block_h = min(triton.next_power_of_2(hk), max(1, 2048 // block_d))
+    q, cos, sin = rope if rope is not None else (k, k, k)  # never dereferenced without rope
     dummy = k_cache  # never dereferenced when bits == 0
     on = pdl.enabled(k.device)
     _write_kv_kernel[(t, triton.cdiv(hk, block_h))](
         k,
         v,
+        q,
+        cos,
+        sin,
         k_cache,
         v_cache,
         k_sz if bits else dummy,
@@ -373,6 +405,11 @@ def write_kv(
         k.stride(1),
         v.stride(0),
         v.stride(1),
+        q.stride(0),
+        q.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        q.shape[1],
         hk,
         d,
         BITS=bits,
@@ -382,6 +419,9 @@ def write_kv(
         BLOCK_D=block_d,
         INTERP=interpreting(),
         PDL=on,
+        ROTARY=rope is not None,
+        BLOCK_HQ=triton.next_power_of_2(block_h * (q.shape[1] // hk)),
+        HALF=triton.next_power_of_2(d // 2),
         num_warps=4 if block_h * block_d >= 1024 else 1,
         enable_fp_fusion=False,  # no FMA contraction: the int4 range search must round as the reference does
         **pdl.launch_opts(on),

@@ -15,7 +15,8 @@ up in the block table; online softmax in base 2, float32 accumulators.
 
 * decode (``max_query_len == 1``, row ``b`` of ``q`` is sequence ``b``): grid ``(B, Hk, splits)``. With
   ``splits > 1`` (flash-decoding) each program takes ``1/splits`` of its sequence's keys (the split is
-  computed in-kernel from ``seq_lens``) and writes a partial ``(acc, m, l)``; a second kernel merges them.
+  computed in-kernel from ``seq_lens``) and writes a partial ``(acc, m, l)``; the last split of a (sequence,
+  KV head) to finish merges them (an atomic counter, as split-K GEMMs do), or a second kernel does.
   Grid, split count and loop bounds depend only on tensor shapes and ``seq_lens`` is read on the device, so
   a launch replays in a CUDA graph. A padded batch row (``seq_len`` 0, block table -1) writes zeros.
 * prefill / mixed: grid ``(B, Hk, cdiv(max_query_len, BLOCK_M // G))``, no split.
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 Q_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
+# One key tile (64 tokens) per split at least. Batch 1, 7B shape: one program per KV head streamed a 384-token
+# context alone (latency bound); one tile per program runs them side by side (notes/engine.md, session 6).
+MIN_SPLIT_KEYS = 64
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,7 @@ def _paged_attn_kernel(
     lens_ptr,
     sink_ptr,
     sidx_ptr,
+    cnt_ptr,
     qk_scale,
     stride_qt,
     stride_qh,
@@ -131,6 +136,7 @@ def _paged_attn_kernel(
     NUM_STAGES: tl.constexpr,
     HAS_SINK: tl.constexpr = False,
     PDL: tl.constexpr = False,
+    MERGE: tl.constexpr = False,
 ):
     pdl.enter(PDL)
     b = tl.program_id(0)
@@ -235,6 +241,36 @@ def _paged_attn_kernel(
         tl.store(ws + e_hi[None, :], acc_hi, mask=qmask)
         tl.store(ml_ptr + part * 2, m_i, mask=row_ok)
         tl.store(ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+        if MERGE:  # the last split of (sequence b, KV head hk) to finish merges all of them, as _merge_kernel
+            tl.debug_barrier()
+            count = tl.atomic_add(cnt_ptr + b * Hk + hk, 1, sem="acq_rel", scope="gpu")
+            if count == SPLITS - 1:
+                first = part - split
+                m_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+                for sp in tl.static_range(SPLITS):
+                    mp = ml_ptr + (first + sp) * 2
+                    m_s = tl.load(mp, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                    m_max = tl.maximum(m_max, m_s)
+                m_use = tl.where(m_max == float("-inf"), 0.0, m_max)  # splits without keys weigh 0
+                total = tl.zeros((BLOCK_M,), tl.float32)
+                acc_lo = tl.zeros((BLOCK_M, BLOCK_DH), tl.float32)
+                acc_hi = tl.zeros((BLOCK_M, BLOCK_DH), tl.float32)
+                for sp in tl.static_range(SPLITS):
+                    mp = ml_ptr + (first + sp) * 2
+                    m_s = tl.load(mp, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                    l_s = tl.load(mp + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
+                    w = tl.exp2(m_s - m_use)
+                    total += w * l_s
+                    ws_s = ws_ptr + (first + sp)[:, None] * (2 * DH)
+                    lo = tl.load(ws_s + e_lo[None, :], mask=qmask, other=0.0, cache_modifier=".cg")
+                    hi = tl.load(ws_s + e_hi[None, :], mask=qmask, other=0.0, cache_modifier=".cg")
+                    acc_lo += w[:, None] * lo
+                    acc_hi += w[:, None] * hi
+                den = tl.where(total > 0.0, total, 1.0)[:, None]  # no key at all: 0
+                o_rows = o_ptr + t_row[:, None] * stride_ot + hq[:, None] * stride_oh
+                tl.store(o_rows + e_lo[None, :], (acc_lo / den).to(o_ptr.dtype.element_ty), mask=qmask)
+                tl.store(o_rows + e_hi[None, :], (acc_hi / den).to(o_ptr.dtype.element_ty), mask=qmask)
+                tl.atomic_xchg(cnt_ptr + b * Hk + hk, 0)
     else:
         inv = (1.0 / tl.where(l_i > 0.0, l_i, 1.0))[:, None]  # no key (padded row): acc is 0, out 0
         o_rows = o_ptr + t_row[:, None] * stride_ot + hq[:, None] * stride_oh
@@ -290,13 +326,14 @@ def _num_sms(device: torch.device) -> int:
 
 def decode_splits(batch: int, num_kv_heads: int, max_tokens: int, device: torch.device) -> int:
     """Split-KV factor from shapes only (stable under CUDA-graph replay): enough programs for ~2 waves on the
-    GPU, each split keeping at least 256 of the longest possible context's keys; a power of two."""
+    GPU, each split keeping at least :data:`MIN_SPLIT_KEYS` of the longest possible context's keys; a power
+    of two. The kernel divides the actual context, so a short one leaves the last splits empty."""
     progs = batch * num_kv_heads
     sms = _num_sms(device)
     if progs >= sms or device.type != "cuda":
         return 1
     want = triton.next_power_of_2(triton.cdiv(2 * sms, progs))
-    cap = 1 << (max(1, max_tokens // 256).bit_length() - 1)  # largest power of two <= max_tokens / 256
+    cap = 1 << (max(1, max_tokens // MIN_SPLIT_KEYS).bit_length() - 1)  # largest power of 2 <= that many
     return min(want, cap, MAX_SPLITS)
 
 
@@ -405,11 +442,13 @@ def _launch(
     decode: bool,
     sink: torch.Tensor | None = None,
     sink_idx: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
 ) -> None:
     t, hq, d = q.shape
     hk = k_cache.shape[2]
     nseq = block_tables.shape[0]
     dh = d // 2
+    merge_in_kernel = splits > 1 and counters is not None
     if splits > 1:
         ws = torch.empty((t, hq, splits, d), dtype=torch.float32, device=q.device)
         ml = torch.empty((t, hq, splits, 2), dtype=torch.float32, device=q.device)
@@ -431,6 +470,7 @@ def _launch(
         seq_lens,
         sink if sink is not None else k_cache,
         sink_idx if sink_idx is not None else seq_lens,
+        counters if merge_in_kernel else seq_lens,
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -453,10 +493,11 @@ def _launch(
         NUM_STAGES=num_stages,
         HAS_SINK=sink is not None and sink_idx is not None,
         PDL=on,
+        MERGE=merge_in_kernel,
         num_warps=num_warps,
         **pdl.launch_opts(on),
     )
-    if splits > 1:
+    if splits > 1 and not merge_in_kernel:
         _merge_kernel[(t, hq)](
             ws,
             ml,
@@ -488,12 +529,15 @@ def paged_decode(
     out: torch.Tensor | None = None,
     sink: torch.Tensor | None = None,
     sink_idx: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: ``q [B, Hq, D]`` (row ``b`` is sequence ``b``) over ``seq_lens[b]``
     cached tokens -> ``[B, Hq, D]`` in ``q.dtype``.
 
     No host synchronisation and a grid that depends only on shapes: capturable in a CUDA graph. Rows with
-    ``seq_lens`` 0 give zeros. ``sink``/``sink_idx``: see ``paged_attention_ref`` (quantized caches)."""
+    ``seq_lens`` 0 give zeros. ``sink``/``sink_idx``: see ``paged_attention_ref`` (quantized caches).
+    ``counters`` (from :func:`make_counters`, at least ``B * Hk``): the last split of each (sequence, KV
+    head) merges the partials itself, one launch instead of two; without it a merge kernel runs."""
     cfg = config or AttentionConfig()
     _, hk, d, g = _check(q, k_cache, v_cache, block_tables, seq_lens, k_sz, v_sz, bits)
     if q.shape[0] != block_tables.shape[0]:
@@ -512,6 +556,8 @@ def paged_decode(
     page = k_cache.shape[1]
     splits = cfg.num_splits or decode_splits(q.shape[0], hk, block_tables.shape[1] * page, q.device)
     splits = max(1, min(splits, MAX_SPLITS))
+    if counters is not None:
+        _check_counters(counters, q.shape[0] * hk, q.device)
     _launch(
         q,
         k_cache,
@@ -536,8 +582,24 @@ def paged_decode(
         True,
         sink,
         sink_idx,
+        counters,
     )
     return out
+
+
+def make_counters(device: torch.device | str, n: int = 1 << 15) -> torch.Tensor:
+    """Zeroed int32 split counters for :func:`paged_decode` (every launch leaves them zeroed); one per
+    stream, enough for ``n`` (sequence, KV head) pairs."""
+    return torch.zeros(n, dtype=torch.int32, device=device)
+
+
+def _check_counters(counters: torch.Tensor, need: int, device: torch.device) -> None:
+    if counters.dtype != torch.int32 or counters.device != device or counters.numel() < need:
+        raise KernelInputError(
+            f"decode split counters must be a zeroed int32 tensor with at least batch x KV heads = {need} "
+            f"elements on {device}, got {counters.dtype} [{counters.numel()}] on {counters.device}; make one "
+            "with make_counters()"
+        )
 
 
 def paged_prefill(

@@ -1,7 +1,7 @@
 """Attention over the paged KV cache: per-step metadata and the backend that runs it.
 
-The model calls ``backend.forward(q, k, v, layer_cache, meta, scale)`` in every layer; the backend writes
-the new K/V into the cache and attends over it. :class:`TorchAttentionBackend` runs the pure-torch
+The model calls ``backend.forward(q, k, v, layer_cache, meta, scale[, rope])`` in every layer; the backend
+writes the new K/V into the cache and attends over it. :class:`TorchAttentionBackend` runs the pure-torch
 references of :mod:`lmkiln.kernels.attention_ref` (the CPU path and the oracle);
 :class:`TritonAttentionBackend` (same interface) runs the Triton kernels of :mod:`lmkiln.kernels.kv_cache` and
 :mod:`lmkiln.kernels.paged_attention`, the GPU path (capturable in CUDA graphs for decode steps).
@@ -57,9 +57,14 @@ class AttentionMetadata:
 
 class _Backend:
     """``forward``: the int4 cache's rotation (see :mod:`lmkiln.engine.kv_cache`) around writing the new K/V
-    (``_write_kv``, with the cache's K offset and attention sinks) and ``_attend``."""
+    (``_write_kv``, with the cache's K offset and attention sinks) and ``_attend``.
+
+    ``rope = (cos, sin)`` (the model's fused path): q and k still need their rotary embedding, applied in
+    place by the Triton kernels: inside the KV write where the backend can (``fuses_rope``, no cache
+    rotation, which must come after it), else by ``kernels.fused.rotary_`` first."""
 
     name = ""
+    fuses_rope = False
     _write_kv: Callable[..., None]
 
     def forward(
@@ -70,8 +75,17 @@ class _Backend:
         cache: LayerKVCache,
         meta: AttentionMetadata,
         scale: float,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         rot = cache.rotation
+        fused_rope = {}
+        if rope is not None:
+            if self.fuses_rope and rot is None:
+                fused_rope = {"rope": (q, *rope)}
+            else:
+                from lmkiln.kernels.fused import rotary_
+
+                rotary_(q, k, *rope)
         if rot is not None:
             rot = rot.to(q.dtype)
             q, k, v = q @ rot, k @ rot, v @ rot
@@ -88,6 +102,7 @@ class _Backend:
             cache.k_offset,
             sink,
             meta.sink_slot if sink is not None else None,
+            **fused_rope,
         )
         out = self._attend(q, cache, meta, scale)
         return out if rot is None else out @ rot.T
@@ -136,9 +151,12 @@ def _sinks(cache: LayerKVCache, meta: AttentionMetadata) -> tuple[torch.Tensor |
 
 class TritonAttentionBackend(_Backend):
     """Triton kernels: ``write_kv`` (quantizing for int8/int4 caches), then the split-KV decode kernel for
-    decode-only steps or the varlen prefill kernel (prefix hits, chunked prefill, mixed batches)."""
+    decode-only steps or the varlen prefill kernel (prefix hits, chunked prefill, mixed batches). The decode
+    kernel merges its splits itself, through split counters the backend keeps per device (made at the
+    first decode step, which the runner runs eagerly before it captures a graph)."""
 
     name = "triton"
+    fuses_rope = True
 
     def __init__(self) -> None:
         from lmkiln.kernels import kv_cache, paged_attention
@@ -146,6 +164,15 @@ class TritonAttentionBackend(_Backend):
         self._write_kv = kv_cache.write_kv
         self._decode = paged_attention.paged_decode
         self._prefill = paged_attention.paged_prefill
+        self._make_counters = paged_attention.make_counters
+        self._counters: dict[torch.device, torch.Tensor] = {}
+
+    def _split_counters(self, q: torch.Tensor, cache: LayerKVCache) -> torch.Tensor | None:
+        """Zeroed counters for a decode launch of ``q``'s batch, or None (then a merge kernel runs)."""
+        counters = self._counters.get(q.device)
+        if counters is None:
+            counters = self._counters[q.device] = self._make_counters(q.device)
+        return counters if counters.numel() >= q.shape[0] * cache.k.shape[2] else None
 
     def _attend(
         self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float
@@ -164,6 +191,7 @@ class TritonAttentionBackend(_Backend):
                 cache.bits,
                 sink=sink,
                 sink_idx=sink_idx,
+                counters=self._split_counters(q, cache),
             )
         return self._prefill(
             q,

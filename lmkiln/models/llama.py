@@ -128,14 +128,12 @@ class Attention(nn.Module):
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        if fused:  # in place on the (strided, when fused) q/k views; the attention kernels take strided v
-            from lmkiln.kernels.fused import rotary_
-
-            rotary_(q, k, cos, sin)
-        else:
-            v = v.contiguous()  # a strided slice when fused
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if fused:  # the backend rotates the (strided) q/k views in place; its kernels take a strided v
+            out = backend.forward(q, k, v, cache, meta, self.head_dim**-0.5, rope=(cos, sin))
+            return self.o_proj(out.reshape(t, -1))
+        v = v.contiguous()  # a strided slice when fused
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         out = backend.forward(q, k, v, cache, meta, self.head_dim**-0.5)
         return self.o_proj(out.reshape(t, -1))
 

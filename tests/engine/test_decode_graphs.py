@@ -46,8 +46,13 @@ class PadSkippingBackend(TorchAttentionBackend):
     def __init__(self) -> None:
         self.padded_calls = 0
 
-    def forward(self, q, k, v, cache, meta, scale):
+    def forward(self, q, k, v, cache, meta, scale, rope=None):
         from lmkiln.kernels.attention_ref import paged_attention_ref, write_kv_ref
+
+        if rope is not None:  # the model's fused path (LMKILN_FUSED=1)
+            from lmkiln.kernels.fused import rotary_
+
+            rotary_(q, k, *rope)
 
         keep = meta.slot_mapping >= 0
         self.padded_calls += int((meta.seq_lens == 0).any())

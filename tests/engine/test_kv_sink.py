@@ -190,10 +190,10 @@ class PadSkippingBackend(TorchAttentionBackend):
 
         self._write_kv = write
 
-    def forward(self, q, k, v, cache, meta, scale):
+    def forward(self, q, k, v, cache, meta, scale, rope=None):
         if meta.is_decode_only and meta.sink_slot is not None:
             self.decode_sink_writes += int((meta.sink_slot >= 0).sum())
-        return super().forward(q, k, v, cache, meta, scale)
+        return super().forward(q, k, v, cache, meta, scale, rope)
 
 
 def _run(eng, params, late) -> list:

@@ -2,10 +2,11 @@
 
 The CPU interpreter accepts code that the GPU compiler refuses (a jit function reading a plain global,
 reassigning a constexpr, a branch the compiler cannot type), and it never runs the GPU-only paths (inline
-PTX, programmatic dependent launch). So CI compiles the write kernel's int8 and int4 variants, the int4 decode
-kernel (with attention sinks), the fp16 ``fma`` GEMV with its SiLU epilogue and L2 prefetch, and the norm and
-rotary kernels ahead of time, all with PDL on, in a subprocess without ``TRITON_INTERPRET`` (the interpreter
-replaces the jit functions at import). Skipped where Triton has no CUDA backend or ptxas."""
+PTX, programmatic dependent launch). So CI compiles, ahead of time and all with PDL on: the write kernel's
+int8 and int4 variants (with the fused rotary), the int4 decode kernel (with attention sinks and the
+in-kernel split merge), the fp16 ``fma`` GEMV with its SiLU epilogue and L2 prefetch, and the norm and rotary
+kernels; in a subprocess without ``TRITON_INTERPRET`` (the interpreter replaces the jit functions at import).
+Skipped where Triton has no CUDA backend or ptxas."""
 
 from __future__ import annotations
 
@@ -57,25 +58,29 @@ elif kind == "attn4":  # int4 decode (2 splits), fp16, GQA 4, with attention sin
     fn, name = _paged_attn_kernel, "_paged_attn_kernel"
     ptrs = {"q_ptr": "*fp16", "k_ptr": "*u8", "v_ptr": "*u8", "ksz_ptr": "*fp16", "vsz_ptr": "*fp16",
             "o_ptr": "*fp16", "ws_ptr": "*fp32", "ml_ptr": "*fp32", "tables_ptr": "*i32", "qsl_ptr": "*i32",
-            "lens_ptr": "*i32", "sink_ptr": "*fp16", "sidx_ptr": "*i32", "qk_scale": "fp32"}
+            "lens_ptr": "*i32", "sink_ptr": "*fp16", "sidx_ptr": "*i32", "cnt_ptr": "*i32",
+            "qk_scale": "fp32"}
     ints = ["stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_bt", "max_blocks", "Hk", "DH"]
     consts = {"G": 4, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_DH": 64, "PAGE": 64, "BITS": 4, "SPLITS": 2,
               "DECODE": True, "CT": triton.language.float16, "F32": False, "NUM_STAGES": 2, "HAS_SINK": True,
-              "PDL": True}
+              "PDL": True, "MERGE": True}
     sig = {**ptrs, **{k: "i32" for k in ints}, **{k: "constexpr" for k in consts}}
 else:
     bits = int(kind)
     fn, name, options = _write_kv_kernel, "_write_kv_kernel", {"enable_fp_fusion": False}
     sig = {
-        "k_ptr": "*fp16", "v_ptr": "*fp16", "kc_ptr": "*u8", "vc_ptr": "*u8", "ksz_ptr": "*fp16",
-        "vsz_ptr": "*fp16", "slot_ptr": "*i64", "koff_ptr": "*fp32", "sink_ptr": "*fp16", "sslot_ptr": "*i64",
+        "k_ptr": "*fp16", "v_ptr": "*fp16", "q_ptr": "*fp16", "cos_ptr": "*fp16", "sin_ptr": "*fp16",
+        "kc_ptr": "*u8", "vc_ptr": "*u8", "ksz_ptr": "*fp16", "vsz_ptr": "*fp16", "slot_ptr": "*i64",
+        "koff_ptr": "*fp32", "sink_ptr": "*fp16", "sslot_ptr": "*i64",
         "num_slots": "i32", "num_sinks": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_vt": "i32",
-        "stride_vh": "i32", "Hk": "i32", "D": "i32", "BITS": "constexpr", "HAS_OFF": "constexpr",
+        "stride_vh": "i32", "stride_qt": "i32", "stride_qh": "i32", "stride_ct": "i32", "stride_st": "i32",
+        "Hq": "i32", "Hk": "i32", "D": "i32", "BITS": "constexpr", "HAS_OFF": "constexpr",
         "HAS_SINK": "constexpr", "BLOCK_H": "constexpr", "BLOCK_D": "constexpr", "INTERP": "constexpr",
-        "PDL": "constexpr",
+        "PDL": "constexpr", "ROTARY": "constexpr", "BLOCK_HQ": "constexpr", "HALF": "constexpr",
     }
     consts = {"BITS": bits, "HAS_OFF": True, "HAS_SINK": True, "BLOCK_H": 16,
-              "BLOCK_D": 64 if bits == 4 else 128, "INTERP": False, "PDL": True}
+              "BLOCK_D": 64 if bits == 4 else 128, "INTERP": False, "PDL": True, "ROTARY": True,
+              "BLOCK_HQ": 64, "HALF": 64}
 try:
     k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=options)
 except FileNotFoundError as e:  # no ptxas

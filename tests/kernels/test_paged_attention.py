@@ -112,6 +112,54 @@ def test_write_kv_sinks_bit_identical_to_reference(bits, dtype, hk, d) -> None:
     assert (sinks[0][[1, 3]] == 7).all()  # the pad row's entry and an unused one are untouched
 
 
+@pytest.mark.parametrize(
+    ("bits", "dtype", "hq", "hk", "d", "sinks"),
+    [
+        (0, torch.float16, 6, 2, 32, False),
+        (8, torch.float32, 4, 4, 48, True),
+        (4, torch.bfloat16, 9, 3, 64, True),
+        (4, torch.float16, 8, 1, 16, False),
+    ],
+)
+def test_write_kv_with_rope_equals_rotary_then_write(bits, dtype, hq, hk, d, sinks) -> None:
+    """``write_kv(..., rope=(q, cos, sin))`` (the decode step's one launch) leaves q, the cache and the sinks
+    bit-identical to ``rotary_(q, k, cos, sin)`` and then ``write_kv``, on strided views of one fused qkv."""
+    from lmkiln.kernels.fused import rotary_
+    from lmkiln.kernels.kv_cache import write_kv
+
+    g = torch.Generator().manual_seed(hq * d + bits)
+    t, nblocks, page, entries = 7, 3, 8, 2
+    qkv = (torch.randn(t, hq + 2 * hk, d, generator=g) * 2).to(dtype)
+    pos = torch.randint(0, 500, (t,), generator=g).float()[:, None]
+    freq = 10000.0 ** (-torch.arange(d // 2).float() / (d // 2))
+    cos = torch.cat([(pos * freq).cos()] * 2, -1).to(dtype)
+    sin = torch.cat([(pos * freq).sin()] * 2, -1).to(dtype)
+    slots = torch.randperm(nblocks * page, generator=g)[:t]
+    slots[3] = -1
+    sink_slot = torch.tensor([1, -1, -1, -1, 0, -1, -1]) if sinks else None
+    off = torch.randn(hk, d, generator=g).contiguous() if bits else None
+    results = []
+    for fused in (False, True):
+        x = qkv.clone()
+        q, k, v = x.split([hq, hk, hk], dim=1)
+        c = _layer(bits, dtype, nblocks, page, hk, d)
+        sink = torch.zeros(entries, 2, hk, d, dtype=dtype) if sinks else None
+        if fused:
+            write_kv(k, v, c.k, c.v, slots, c.k_sz, c.v_sz, bits, off, sink, sink_slot, rope=(q, cos, sin))
+        else:
+            rotary_(q, k, cos, sin)
+            write_kv(k, v, c.k, c.v, slots, c.k_sz, c.v_sz, bits, off, sink, sink_slot)
+        results.append([q, *(y for y in (*_copy(c), sink) if y is not None)])
+    assert not torch.equal(results[0][0], qkv[:, :hq])  # q was rotated
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    if hk > 1:
+        x = qkv.clone()
+        k, v, c = x[:, hq : hq + hk], x[:, hq + hk :], _layer(bits, dtype, nblocks, page, hk, d)
+        with pytest.raises(KernelInputError, match="multiple of k's"):
+            write_kv(k, v, c.k, c.v, slots, c.k_sz, c.v_sz, bits, rope=(x[:, : hk + 1], cos, sin))
+
+
 def _sink_args(hk, d, dtype, idx, seed=0):
     """Random sink entries (not the cache's position-0 values, so a missed substitution shows)."""
     g = torch.Generator().manual_seed(seed + 17)
@@ -169,19 +217,26 @@ def _check_close(out, ref, dtype, rows):
         (4, torch.float16, 3, 3, 16, 64, 1),
     ],
 )
-def test_decode_matches_reference(bits, dtype, hq, hk, d, page, splits) -> None:
-    """Lengths 1, 17, 69, 130 across block boundaries, one padded row (seq_len 0, table -1): zeros."""
-    from lmkiln.kernels.paged_attention import AttentionConfig, paged_decode
+@pytest.mark.parametrize("in_kernel_merge", [False, True])
+def test_decode_matches_reference(bits, dtype, hq, hk, d, page, splits, in_kernel_merge) -> None:
+    """Lengths 1, 17, 69, 130 across block boundaries, one padded row (seq_len 0, table -1): zeros. With
+    split counters the last split merges; the counters are left zeroed, and a second launch agrees."""
+    from lmkiln.kernels.paged_attention import AttentionConfig, make_counters, paged_decode
 
     shapes = [(0, 1), (16, 1), (68, 1), (129, 1)]
     c, q, bt, qsl, lens, _ = _batch(shapes, bits, dtype, hq, hk, d, page, seed=hq + d, pad_rows=1)
     ref = paged_attention_ref(q[:4], c.k, c.v, bt[:4], qsl[:5], lens[:4], d**-0.5, c.k_sz, c.v_sz, bits)
-    out = paged_decode(
-        q, c.k, c.v, bt, lens, d**-0.5, c.k_sz, c.v_sz, bits, AttentionConfig(num_splits=splits)
-    )
+    counters = make_counters("cpu", 64) if in_kernel_merge else None
+    args = (q, c.k, c.v, bt, lens, d**-0.5, c.k_sz, c.v_sz, bits, AttentionConfig(num_splits=splits))
+    out = paged_decode(*args, counters=counters)
     assert out.dtype == dtype and out.shape == q.shape
     _check_close(out, ref, dtype, 4)
     assert not out[4].any()
+    if counters is not None:
+        assert not counters.any()
+        torch.testing.assert_close(paged_decode(*args, counters=counters), out, atol=0, rtol=0)
+        tol = 2e-6 if dtype == torch.float32 else 0  # the merge kernel sums the splits in another order
+        torch.testing.assert_close(paged_decode(*args), out, atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -216,7 +271,7 @@ def test_prefill_matches_reference(bits, dtype, hq, hk, d, page, block_m) -> Non
 )
 def test_decode_reads_sinks(bits, dtype, hq, hk, d, page, splits) -> None:
     """Key position 0 comes from the sequence's sink entry (only the split holding key 0 substitutes it)."""
-    from lmkiln.kernels.paged_attention import AttentionConfig, paged_decode
+    from lmkiln.kernels.paged_attention import AttentionConfig, make_counters, paged_decode
 
     shapes = [(0, 1), (16, 1), (68, 1), (129, 1)]
     c, q, bt, qsl, lens, _ = _batch(shapes, bits, dtype, hq, hk, d, page, seed=hq + d, pad_rows=1)
@@ -228,6 +283,12 @@ def test_decode_reads_sinks(bits, dtype, hq, hk, d, page, splits) -> None:
     out = paged_decode(q, c.k, c.v, bt, lens, d**-0.5, c.k_sz, c.v_sz, bits, cfg, sink=sink, sink_idx=idx)
     _check_close(out, ref, dtype, 4)
     assert not out[4].any()
+    counters = make_counters("cpu", 64)
+    merged = paged_decode(
+        q, c.k, c.v, bt, lens, d**-0.5, c.k_sz, c.v_sz, bits, cfg, sink=sink, sink_idx=idx, counters=counters
+    )
+    _check_close(merged, ref, dtype, 4)
+    assert not counters.any()
 
 
 @pytest.mark.parametrize(
@@ -292,6 +353,9 @@ def test_launchers_reject_bad_inputs() -> None:
         paged_decode(q, c.k, c.v, bt, lens.long(), 1.0, c.k_sz, c.v_sz, 4)
     with pytest.raises(KernelInputError, match="one query per sequence"):
         paged_decode(q[:1], c.k, c.v, bt, lens, 1.0, c.k_sz, c.v_sz, 4)
+    with pytest.raises(KernelInputError, match=r"batch x KV heads = 4 .*make_counters"):
+        few = torch.zeros(3, dtype=torch.int32)
+        paged_decode(q, c.k, c.v, bt, lens, 1.0, c.k_sz, c.v_sz, 4, counters=few)
     with pytest.raises(KernelInputError, match="query_start_loc"):
         paged_prefill(q, c.k, c.v, bt, qsl[:-1], lens, 1, 1.0, c.k_sz, c.v_sz, 4)
     with pytest.raises(KernelInputError, match="contiguous last dim"):
@@ -303,9 +367,14 @@ def test_launchers_reject_bad_inputs() -> None:
         write_kv(q[:, :2], q[:, :2], c.k, c.v, torch.tensor([0.0, 1.0]), c.k_sz, c.v_sz, 4)
 
 
-def test_triton_backend_runs_the_engine_like_the_torch_backend(tiny_llama_dir, monkeypatch) -> None:
-    """Greedy tokens and logprobs of the tiny Llama (GQA 4/2) with the Triton backend (int4 cache with
-    attention sinks, padded decode buffers as the CUDA-graph path uses) equal the torch backend's."""
+@pytest.mark.parametrize(("quant_policy", "fused"), [(4, "0"), (8, "1")])
+def test_triton_backend_runs_the_engine_like_the_torch_backend(
+    tiny_llama_dir, monkeypatch, quant_policy, fused
+) -> None:
+    """Greedy tokens and logprobs of the tiny Llama (GQA 4/2) with the Triton backend (int4 / int8 cache with
+    attention sinks, padded decode buffers as the CUDA-graph path uses) equal the torch backend's. With the
+    fused ops (``LMKILN_FUSED=1``) the rotary runs inside the KV write and the decode kernel merges its own
+    splits."""
     from lmkiln.engine import LLMEngine, SamplingParams
     from lmkiln.engine.attention import TritonAttentionBackend
 
@@ -316,11 +385,12 @@ def test_triton_backend_runs_the_engine_like_the_torch_backend(tiny_llama_dir, m
         cache_max_entry_count=64,
         max_num_seqs=4,
         session_len=64,
-        quant_policy=4,
+        quant_policy=quant_policy,
         kv_sink_entries=4,
     )
     want = LLMEngine.from_pretrained(tiny_llama_dir, **kw).generate(prompts, p)
     monkeypatch.setenv("LMKILN_ATTENTION", "triton")
+    monkeypatch.setenv("LMKILN_FUSED", fused)
     eng = LLMEngine.from_pretrained(tiny_llama_dir, **kw)
     assert isinstance(eng.runner.backend, TritonAttentionBackend)
     eng.runner.enable_decode_graphs(capture=False)
