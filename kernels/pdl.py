@@ -35,7 +35,10 @@ from lmkiln.errors import KernelInputError
 
 PDL_ENV = "LMKILN_PDL"
 PREFETCH_ENV = "LMKILN_PDL_PREFETCH_MB"
-DEFAULT_PREFETCH_MB = 8.0
+# H100, 7B shape, batch 1 (notes/engine.md, session 6): the 128 linears as one graph took 1.885 ms without
+# PDL, 1.795 with PDL and no prefetch, 1.754 / 1.764 / 1.811 / 1.858 with 2 / 4 / 8 / 32 MiB; a decode step
+# 2.416 ms with 8 MiB, 2.317 with 2.
+DEFAULT_PREFETCH_MB = 2.0
 
 
 def interpreting() -> bool:
