@@ -251,3 +251,82 @@ def _w4a16_mm_fake(
             f"activation {tuple(x.shape)} does not match packed weight {tuple(qweight.shape)}"
         )
     return x.new_empty((*x.shape[:-1], qweight.shape[0] * PACK_N))
+
+
+def fold_config(
+    m: int, n: int, k: int, group_size: int, dtype: torch.dtype, device: torch.device, silu: bool
+):
+    """The ``fma`` config of a GEMM whose epilogue folds an RMSNorm, or None where another kernel runs (M > 8,
+    bf16 without a tuned fma entry, ...): the folded norm lives in the ``fma`` kernel's epilogue only."""
+    if m < 1 or dtype not in DTYPE_NAMES:
+        return None
+    cfg = choose_config(m, n, k, group_size, dtype, device)
+    if cfg.kind != "fma":
+        return None
+    if silu and cfg.block_n % (2 * GATE_UP_BLOCK):  # a tile must hold a gate block and its up block
+        cfg = dataclasses.replace(cfg, block_n=2 * GATE_UP_BLOCK, sub=0)
+    return cfg
+
+
+def _fold_cfg(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, zeros: torch.Tensor, silu: bool):
+    w4a16 = _triton_mod()
+    m, n, k, g = w4a16.check_inputs(x, qweight, sz, zeros)
+    cfg = fold_config(m, n, k, g, x.dtype, x.device, silu)
+    if cfg is None:
+        raise QuantConfigError(
+            f"a folded RMSNorm needs the fma kernel, which does not run [{m}, {k}] x [{k}, {n}] in "
+            f"{x.dtype}; call the plain op (and the norm kernel) instead"
+        )
+    return w4a16, cfg
+
+
+@torch.library.custom_op("lmkiln::w4a16_norm_mm", mutates_args=())
+def w4a16_norm_mm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    sz: torch.Tensor,
+    zeros: torch.Tensor,
+    scratch: torch.Tensor,
+    ss: torch.Tensor,
+    eps: float,
+    silu: bool,
+) -> torch.Tensor:
+    """Registered op: the GEMM after a folded RMSNorm. ``x [M, K]`` is ``h * w`` and ``ss`` the partial sums
+    of ``h²`` from :func:`w4a16_residual_mm`; returns ``rsqrt(mean(h²) + eps) * (x @ W)`` (``silu``: of an
+    interleaved gate/up weight, ``silu(gate) * up``)."""
+    w4a16, cfg = _fold_cfg(x, qweight, sz, zeros, silu)
+    counters = scratch if scratch.numel() else None
+    return w4a16.fma(x, qweight, sz, zeros, cfg, counters, silu=silu, norm=(ss, eps))
+
+
+@w4a16_norm_mm.register_fake
+def _w4a16_norm_mm_fake(x, qweight, sz, zeros, scratch, ss, eps, silu) -> torch.Tensor:
+    y = _w4a16_mm_fake(x, qweight, sz, zeros, scratch)
+    return y.new_empty((*y.shape[:-1], y.shape[-1] // 2)) if silu else y
+
+
+@torch.library.custom_op("lmkiln::w4a16_residual_mm", mutates_args=())
+def w4a16_residual_mm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    sz: torch.Tensor,
+    zeros: torch.Tensor,
+    scratch: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Registered op: ``h = x @ W + residual`` with the next RMSNorm folded in -> ``(h * norm_weight, h, ss)``
+    (``ss [M, tiles]`` float32 partial sums of ``h²``, for :func:`w4a16_norm_mm`)."""
+    w4a16, cfg = _fold_cfg(x, qweight, sz, zeros, False)
+    return w4a16.fma_residual(
+        x, qweight, sz, zeros, cfg, residual, norm_weight, scratch if scratch.numel() else None
+    )
+
+
+@w4a16_residual_mm.register_fake
+def _w4a16_residual_mm_fake(x, qweight, sz, zeros, scratch, residual, norm_weight):
+    y = _w4a16_mm_fake(x, qweight, sz, zeros, scratch)
+    m, n, k, g = _triton_mod().check_inputs(x, qweight, sz, zeros)
+    cfg = fold_config(m, n, k, g, x.dtype, x.device, False)
+    tiles = n // cfg.block_n if cfg is not None else 1
+    return y, torch.empty_like(y), y.new_empty((y.shape[0], tiles), dtype=torch.float32)

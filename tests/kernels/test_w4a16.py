@@ -305,3 +305,51 @@ def test_silu_epilogue_needs_whole_gate_up_pairs(make_packed) -> None:
     cfg = w4a16.KernelConfig(kind="fma", block_m=1, block_n=32, num_warps=1)
     with pytest.raises(QuantConfigError, match="multiple of 64"):
         w4a16.fma(torch.randn(1, 128).half(), p["qweight"], p["sz"], p["zeros"], cfg, silu=True)
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "n", "k2", "dtype", "bm", "split", "silu"),
+    [
+        (1, 256, 128, 192, torch.float16, 1, 2, False),
+        (3, 128, 256, 128, torch.float16, 4, 1, True),
+        (5, 384, 128, 256, torch.bfloat16, 8, 3, False),
+    ],
+)
+def test_fma_folds_add_rmsnorm(make_packed, m, k, n, k2, dtype, bm, split, silu):
+    """``fma_residual`` (the o / down projection) + ``fma(norm=...)`` (the next qkv / gate_up) equal the
+    unfused chain GEMM -> ``add_rmsnorm`` -> GEMM up to rounding: ``h`` exactly (same two roundings), the
+    next GEMM's output within the dtype's tolerance (it is computed as ``rsqrt(mean(h²)) * ((h * w) @ W)``
+    instead of ``((h * rsqrt(mean(h²))) * w) @ W``)."""
+    from lmkiln.kernels.fused import add_rmsnorm
+
+    w4a16 = _w4a16()
+    p1, p2 = make_packed(k, n, 64, seed=m), make_packed(n, k2, 64, seed=m + 1)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    res = (torch.randn(m, n, generator=g) * 4).to(dtype)
+    nw = (torch.rand(n, generator=g) + 0.5).to(dtype)
+    cfg = w4a16.KernelConfig(kind="fma", block_m=bm, block_n=64, num_warps=2, split_k=split)
+    scratch = w4a16.make_scratch("cpu", 64)
+    xn, h, ss = w4a16.fma_residual(x, p1["qweight"], p1["sz"], p1["zeros"], cfg, res, nw, scratch)
+    assert ss.shape == (m, n // 64) and ss.dtype == torch.float32 and int(scratch.abs().sum()) == 0
+    y = w4a16.fma(x, p1["qweight"], p1["sz"], p1["zeros"], cfg, scratch)
+    want_x, want_h = add_rmsnorm(y, res, nw, 1e-5)
+    assert torch.equal(h, want_h)
+    if dtype == torch.float16:
+        assert torch.equal(xn, (h.float() * nw.float()).to(dtype))
+    else:  # the interpreter truncates float32 -> bf16 where the GPU (and torch) round to nearest even
+        assert _rel(xn, h.float() * nw.float()) < 2**-7
+    torch.testing.assert_close(ss.sum(1), h.float().pow(2).sum(1), rtol=1e-5, atol=0)
+    q2, sz2, z2 = p2["qweight"], p2["sz"], p2["zeros"]
+    if silu:
+        from lmkiln.quant.pack import gate_up_interleave
+
+        q2, sz2, z2, _ = gate_up_interleave(q2, sz2, z2)
+    got = w4a16.fma(xn, q2, sz2, z2, cfg, scratch, silu=silu, norm=(ss, 1e-5))
+    want = w4a16.fma(want_x, q2, sz2, z2, cfg, scratch, silu=silu)
+    assert got.shape == want.shape and int(scratch.abs().sum()) == 0
+    assert _rel(got, want) < TOL[dtype]
+    with pytest.raises(QuantConfigError, match="residual must be a contiguous"):
+        w4a16.fma_residual(x, p1["qweight"], p1["sz"], p1["zeros"], cfg, res[:, :-1], nw, scratch)
+    with pytest.raises(QuantConfigError, match="ss must be contiguous float32"):
+        w4a16.fma(xn, q2, sz2, z2, cfg, scratch, norm=(ss.half(), 1e-5))
