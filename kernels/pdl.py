@@ -17,8 +17,8 @@ results is that of a plain stream; only the prologues overlap. A kernel launched
 previous one as usual, and a ``griddepcontrol`` instruction in a kernel launched without PDL does nothing.
 
 ``LMKILN_PDL=0`` turns it off (A/B); it is on where the device supports it (CUDA, compute capability >= 9,
-not the interpreter). ``LMKILN_PDL_PREFETCH_MB`` (default :data:`DEFAULT_PREFETCH_MB`, 0 = off) caps the bytes
-a GEMV prefetches before its wait.
+not the interpreter). A GEMV prefetches up to its tuned ``KernelConfig.prefetch_mb`` (else
+:data:`DEFAULT_PREFETCH_MB`) before its wait; ``LMKILN_PDL_PREFETCH_MB`` overrides that for all (0 = off).
 """
 
 from __future__ import annotations
@@ -61,11 +61,13 @@ def launch_opts(on: bool) -> dict[str, bool]:
     return {"launch_pdl": True} if on else {}
 
 
-def prefetch_bytes() -> int:
-    """The L2 prefetch budget of one GEMV launched with PDL (``LMKILN_PDL_PREFETCH_MB``)."""
+def prefetch_bytes(tuned_mb: float = -1.0) -> int:
+    """The L2 prefetch budget of one GEMV launched with PDL: ``LMKILN_PDL_PREFETCH_MB`` where set (an A/B
+    override for every GEMV), else the shape's tuned ``tuned_mb`` (``KernelConfig.prefetch_mb``) where >= 0,
+    else :data:`DEFAULT_PREFETCH_MB`."""
     raw = os.environ.get(PREFETCH_ENV, "").strip()
     try:
-        mb = float(raw) if raw else DEFAULT_PREFETCH_MB
+        mb = float(raw) if raw else tuned_mb if tuned_mb >= 0 else DEFAULT_PREFETCH_MB
     except ValueError:
         mb = -1.0
     if not mb >= 0:

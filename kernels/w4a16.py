@@ -64,6 +64,9 @@ class KernelConfig:
     sub: int = 0
     chunks: int = 1
     flush: int = 2
+    # launched with PDL: MiB of its weights the launch prefetches into L2 before its wait (-1: the default,
+    # ``kernels.pdl.prefetch_bytes()``); more pays off after a long non-GEMM phase (o after attention)
+    prefetch_mb: float = -1.0
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -943,12 +946,13 @@ def gemv(
     return y
 
 
-def _prefetch_rows(on: bool, n: int, n_chunks: int, split: int) -> int:
+def _prefetch_rows(on: bool, n: int, n_chunks: int, split: int, prefetch_mb: float = -1.0) -> int:
     """Word-rows (a power of two, or 0) each fma program prefetches into L2 before its PDL wait: as many as
-    keep the launch's prefetch within ``pdl.prefetch_bytes()``, at most the program's share of K."""
+    keep the launch's prefetch within ``pdl.prefetch_bytes(prefetch_mb)``, at most the program's share of
+    K."""
     if not on:
         return 0
-    rows = pdl.prefetch_bytes() // ((n // PACK_N) * split * PACK_N * 4)
+    rows = pdl.prefetch_bytes(prefetch_mb) // ((n // PACK_N) * split * PACK_N * 4)
     if rows < 1:
         return 0
     return min(1 << (rows.bit_length() - 1), triton.next_power_of_2(triton.cdiv(n_chunks, split) * 16))
@@ -1100,7 +1104,7 @@ def _fma_launch(
         F16ASM=f16asm,
         ACT=(2 if pdl.interpreting() else 1) if silu else 0,
         PDL=on,
-        PF_ROWS=_prefetch_rows(on, n, n_chunks, split),
+        PF_ROWS=_prefetch_rows(on, n, n_chunks, split, cfg.prefetch_mb),
         RES=residual is not None,
         NORM=norm is not None,
         NT_P2=triton.next_power_of_2(ss_in.shape[-1]) if norm is not None else 1,

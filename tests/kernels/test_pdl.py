@@ -37,8 +37,10 @@ def test_bad_switch_is_an_error(monkeypatch: pytest.MonkeyPatch, value: str) -> 
 def test_prefetch_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(pdl.PREFETCH_ENV, raising=False)
     assert pdl.prefetch_bytes() == int(pdl.DEFAULT_PREFETCH_MB * 2**20)
+    assert pdl.prefetch_bytes(4.0) == 4 * 2**20  # a tuned budget
     monkeypatch.setenv(pdl.PREFETCH_ENV, "0.5")
     assert pdl.prefetch_bytes() == 2**19
+    assert pdl.prefetch_bytes(4.0) == 2**19  # the environment overrides the tuned budget
     for bad in ("-1", "lots", "nan"):
         monkeypatch.setenv(pdl.PREFETCH_ENV, bad)
         with pytest.raises(KernelInputError, match="MiB"):
@@ -65,6 +67,10 @@ def test_prefetch_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     # 7B qkv: 384 panels x split 8 x 128 B = 384 KiB a row level -> 21 rows -> 16 (a power of two)
     assert _prefetch_rows(True, 12288, 32, 8) == 16
     assert _prefetch_rows(False, 12288, 32, 8) == 0
+    monkeypatch.delenv(pdl.PREFETCH_ENV)
+    assert _prefetch_rows(True, 12288, 32, 8, prefetch_mb=2.0) == 4  # 2 MiB / 384 KiB -> 5 -> 4
+    monkeypatch.setenv(pdl.PREFETCH_ENV, "8")
+    assert _prefetch_rows(True, 12288, 32, 8, prefetch_mb=2.0) == 16
     # capped at the program's share of K: 2 chunks of 16 rows
     monkeypatch.setenv(pdl.PREFETCH_ENV, "1024")
     assert _prefetch_rows(True, 4096, 32, 16) == 32

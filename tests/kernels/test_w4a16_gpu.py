@@ -160,7 +160,7 @@ def test_fma_silu_epilogue_equals_gemm_then_silu_mul(make_packed, m):
     assert torch.equal(y, silu_mul(gate, up))
 
 
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m", [1, 2])  # the H100 table runs o on the tensor cores from M = 3
 def test_folded_rmsnorm_at_7b_shapes(make_packed, m):
     """o (4096 x 4096) with the residual epilogue, then qkv (4096 x 12288) and the SiLU gate/up (4096 x 22016)
     after the folded norm, in fp16 with the engine's configs: ``h`` and ``h * w`` bit-identical to
