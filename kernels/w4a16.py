@@ -65,7 +65,8 @@ class KernelConfig:
     chunks: int = 1
     flush: int = 2
     # launched with PDL: MiB of its weights the launch prefetches into L2 before its wait (-1: the default,
-    # ``kernels.pdl.prefetch_bytes()``); more pays off after a long non-GEMM phase (o after attention)
+    # ``kernels.pdl.DEFAULT_PREFETCH_MB``; the H100 table keeps it: 8 MiB for o, which follows attention, was
+    # slower, scripts/experiments/o_prefetch.py)
     prefetch_mb: float = -1.0
 
     def to_dict(self) -> dict:
@@ -220,24 +221,25 @@ def _epilogue(acc, DT: tl.constexpr, ACT: tl.constexpr):
 
 
 @triton.jit
-def _split_k_sum(
-    acc, local, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, TILE: tl.constexpr, SPLIT_P2: tl.constexpr
+def _finish_tile(
+    acc, c_ptrs, c_mask, local, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, TILE: tl.constexpr,
+    ACT: tl.constexpr, SPLIT_P2: tl.constexpr,
 ):
-    """``(tile, write)``: with SPLIT_K == 1 this program's ``acc``; else it adds ``acc`` to the tile's split-K
-    partials and the last program to arrive (``write``) gets their sum, in order 0, 1, ..., SPLIT_K - 1
-    (deterministic), and resets the tile's counter. ``SPLIT_P2`` > 0 (a power of two >= SPLIT_K; the small
+    """Store ``acc`` (SPLIT_K == 1) or add it to the tile's split-K partials; the last program writes (through
+    :func:`_epilogue`: ``c_ptrs`` / ``c_mask`` are half a tile wide when ``ACT``). It sums the partials in
+    order 0, 1, ..., SPLIT_K - 1 (deterministic). ``SPLIT_P2`` > 0 (a power of two >= SPLIT_K; the small
     tiles of gemv / fma) unrolls that loop with masked loads, so that all loads are in flight at once
     instead of one L2 round trip each; 0 keeps it rolled (mma: unrolled over a 16 x 128 tile it raised the
     kernel from 152 to 183 registers, one CTA less per SM)."""
-    total = acc
-    write = pid_k >= 0  # True, as a runtime value like the branch below
-    if SPLIT_K > 1:
+    DT: tl.constexpr = c_ptrs.dtype.element_ty
+    if SPLIT_K == 1:
+        tl.store(c_ptrs, _epilogue(acc, DT, ACT), mask=c_mask)
+    else:
         base = ws_ptr + tile_id * SPLIT_K * TILE
         tl.store(base + pid_k * TILE + local, acc)
         tl.debug_barrier()
         count = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
-        write = count == SPLIT_K - 1
-        if write:
+        if count == SPLIT_K - 1:
             total = tl.load(base + local, cache_modifier=".cg")
             if SPLIT_P2 == 0:  # big tiles (mma): a rolled loop keeps the registers of the whole kernel down
                 for s in range(1, SPLIT_K):
@@ -246,51 +248,8 @@ def _split_k_sum(
                 for s in tl.static_range(1, SPLIT_P2):
                     in_split = (local * 0 + s) < SPLIT_K
                     total += tl.load(base + s * TILE + local, mask=in_split, other=0.0, cache_modifier=".cg")
+            tl.store(c_ptrs, _epilogue(total, DT, ACT), mask=c_mask)
             tl.atomic_xchg(cnt_ptr + tile_id, 0)
-    return total, write
-
-
-@triton.jit
-def _finish_tile(
-    acc, c_ptrs, c_mask, local, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, TILE: tl.constexpr,
-    ACT: tl.constexpr, SPLIT_P2: tl.constexpr,
-):
-    """Sum the tile over split-K (:func:`_split_k_sum`); its writer stores it through :func:`_epilogue`
-    (``c_ptrs`` / ``c_mask`` are half a tile wide when ``ACT``)."""
-    total, write = _split_k_sum(acc, local, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, TILE, SPLIT_P2)
-    if write:
-        tl.store(c_ptrs, _epilogue(total, c_ptrs.dtype.element_ty, ACT), mask=c_mask)
-
-
-@triton.jit
-def _row_rstd(ss_ptr, offs_m, M, NT, NT_P2: tl.constexpr, inv_k, eps, INTERP: tl.constexpr):
-    """RMSNorm's ``rsqrt(mean(h²) + eps)`` per row from the ``NT`` partial sums of squares a residual
-    epilogue wrote (``ss [M, NT]`` float32), summed in order."""
-    j = tl.arange(0, NT_P2)
-    part = tl.load(ss_ptr + offs_m[:, None] * NT + j[None, :], mask=(offs_m[:, None] < M) & (j[None, :] < NT),
-                   other=0.0)
-    ms = tl.sum(part, axis=1) * inv_k
-    return tl.math.rsqrt(ms + eps) if INTERP else libdevice.rsqrt(ms + eps)
-
-
-@triton.jit
-def _residual_epilogue(total, offs_m, M, offs_n, N, y_ptr, stride_ym, res_ptr, h_ptr, nw_ptr, sso_ptr, pid_n):
-    """The o / down projection's tile ``y`` (float32 sums) with the next RMSNorm folded in: ``h = y + res``
-    (each rounded to the dtype, as ``kernels.fused.add_rmsnorm``) is stored as the new residual, ``h * w``
-    (``w`` the next norm's weight) as the next GEMM's input, and the tile's sum of ``h²`` (float32) into
-    ``sso [M, N / BLOCK_N]``; the next GEMM applies ``rsqrt(mean(h²) + eps)`` to its output
-    (:func:`_row_rstd`)."""
-    DT: tl.constexpr = y_ptr.dtype.element_ty
-    rows = offs_m[:, None]
-    mask = rows < M
-    r = tl.load(res_ptr + rows * N + offs_n[None, :], mask=mask, other=0.0)
-    h = (total.to(DT).to(tl.float32) + r.to(tl.float32)).to(DT)
-    tl.store(h_ptr + rows * N + offs_n[None, :], h, mask=mask)
-    hf = tl.where(mask, h.to(tl.float32), 0.0)
-    w = tl.load(nw_ptr + offs_n).to(tl.float32)
-    tl.store(y_ptr + rows * stride_ym + offs_n[None, :], (hf * w[None, :]).to(DT), mask=mask)
-    BLOCK_N: tl.constexpr = offs_n.shape[0]
-    tl.store(sso_ptr + offs_m * (N // BLOCK_N) + pid_n, tl.sum(hf * hf, axis=1), mask=offs_m < M)
 
 
 @triton.jit
@@ -493,11 +452,6 @@ def _fma_kernel(
     y_ptr,
     ws_ptr,
     cnt_ptr,
-    res_ptr,
-    h_ptr,
-    nw_ptr,
-    sso_ptr,
-    ssi_ptr,
     M,
     N,
     KW,
@@ -505,9 +459,6 @@ def _fma_kernel(
     stride_xm,
     stride_ym,
     SPLIT_K,
-    NT_IN,
-    inv_k,
-    eps,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -521,10 +472,6 @@ def _fma_kernel(
     SPLIT_P2: tl.constexpr,
     PDL: tl.constexpr,
     PF_ROWS: tl.constexpr,
-    RES: tl.constexpr = False,
-    NORM: tl.constexpr = False,
-    NT_P2: tl.constexpr = 1,
-    INTERP: tl.constexpr = False,
 ):
     """``y = x @ W`` for ``BLOCK_M`` (1..8) activation rows per program on the CUDA cores (``ACT``: the SiLU
     epilogue of an interleaved gate/up weight, see :func:`_epilogue`; ``y`` is then ``[M, N / 2]``).
@@ -620,21 +567,22 @@ def _fma_kernel(
     out = tl.sum(acc, axis=1)  # [BLOCK_M, BLOCK_N]
     pdl.trigger(PDL)
     local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    tile = pid_m * (N // BLOCK_N) + pid_n
-    TILE: tl.constexpr = BLOCK_M * BLOCK_N
-    total, write = _split_k_sum(out, local, ws_ptr, cnt_ptr, tile, pid_k, SPLIT_K, TILE, SPLIT_P2)
-    if write:
-        if NORM:  # the input was h * w of a folded RMSNorm: apply its per-row rsqrt(mean(h²) + eps) here
-            total = total * _row_rstd(ssi_ptr, offs_m, M, NT_IN, NT_P2, inv_k, eps, INTERP)[:, None]
-        if RES:
-            _residual_epilogue(
-                total, offs_m, M, offs_n, N, y_ptr, stride_ym, res_ptr, h_ptr, nw_ptr, sso_ptr, pid_n
-            )
-        else:
-            OUT_N: tl.constexpr = BLOCK_N // 2 if ACT else BLOCK_N
-            offs_o = pid_n * OUT_N + tl.arange(0, OUT_N)
-            y = _epilogue(total, y_ptr.dtype.element_ty, ACT)
-            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_o[None, :], y, mask=offs_m[:, None] < M)
+    OUT_N: tl.constexpr = BLOCK_N // 2 if ACT else BLOCK_N
+    offs_o = pid_n * OUT_N + tl.arange(0, OUT_N)
+    _finish_tile(
+        out,
+        y_ptr + offs_m[:, None] * stride_ym + offs_o[None, :],
+        offs_m[:, None] < M,
+        local,
+        ws_ptr,
+        cnt_ptr,
+        pid_m * (N // BLOCK_N) + pid_n,
+        pid_k,
+        SPLIT_K,
+        BLOCK_M * BLOCK_N,
+        ACT,
+        SPLIT_P2,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -979,57 +927,12 @@ def fma(
     scratch: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     silu: bool = False,
-    norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """``y [M, N] = x [M, K] @ W`` on the CUDA cores, ``cfg.block_m`` (1..8) rows per program, split-K.
 
     Every dequantized weight is reused across the program's rows; needs the packed ``zeros``. ``silu``: ``W``
     is a gate/up weight interleaved by :func:`gate_up_interleave` and ``y [M, N / 2]`` is ``silu(gate) * up``
-    (the SiLU is applied where the tile is written; ``cfg.block_n`` must be a multiple of 64). ``norm = (ss,
-    eps)``: ``x`` is ``h * w`` from :func:`fma_residual` (a folded RMSNorm) and ``ss`` its partial sums of
-    ``h²``; the output is scaled by ``rsqrt(mean(h²) + eps)`` per row before it is rounded (and activated)."""
-    return _fma_launch(x, qweight, sz, zeros, cfg, scratch, out, silu, norm=norm)[0]
-
-
-def fma_residual(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    sz: torch.Tensor,
-    zeros: torch.Tensor | None,
-    cfg: KernelConfig,
-    residual: torch.Tensor,
-    norm_weight: torch.Tensor,
-    scratch: torch.Tensor | None = None,
-    norm: tuple[torch.Tensor, float] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The o / down projection of a decode step with the next add + RMSNorm folded into its epilogue:
-    ``h = x @ W + residual`` (each rounded, as ``kernels.fused.add_rmsnorm``) and returns ``(h * norm_weight,
-    h, ss)``, ``ss [M, N / block_n]`` float32 the tiles' sums of ``h²``. The next :func:`fma` with
-    ``norm=(ss, eps)`` finishes the norm; no norm kernel runs in between."""
-    m, n = x.shape[0], qweight.shape[0] * PACK_N
-    for name, t, shape in (("residual", residual, (m, n)), ("norm_weight", norm_weight, (n,))):
-        if tuple(t.shape) != shape or t.dtype != x.dtype or t.device != x.device or not t.is_contiguous():
-            raise QuantConfigError(
-                f"fma_residual: {name} must be a contiguous {x.dtype} {list(shape)} on {x.device}, got "
-                f"{t.dtype} {list(t.shape)} on {t.device}"
-            )
-    return _fma_launch(x, qweight, sz, zeros, cfg, scratch, None, False, residual, norm_weight, norm)
-
-
-def _fma_launch(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    sz: torch.Tensor,
-    zeros: torch.Tensor | None,
-    cfg: KernelConfig,
-    scratch: torch.Tensor | None,
-    out: torch.Tensor | None,
-    silu: bool,
-    residual: torch.Tensor | None = None,
-    norm_weight: torch.Tensor | None = None,
-    norm: tuple[torch.Tensor, float] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, h, ss)``; ``h`` and ``ss`` are ``y`` itself unless ``residual`` is given."""
+    (the SiLU is applied where the tile is written; ``cfg.block_n`` must be a multiple of 64)."""
     m, n, k, g = check_inputs(x, qweight, sz, zeros)
     if zeros is None:
         raise QuantConfigError("the fma kernel needs the packed `zeros` tensor (uint8 [K/G, N])")
@@ -1043,22 +946,9 @@ def _fma_launch(
             f"fma with the SiLU epilogue needs block_n a multiple of {2 * GATE_UP_BLOCK} (a gate block and "
             f"its up block), got {cfg.block_n}"
         )
-    if silu and residual is not None:
-        raise QuantConfigError("fma: the SiLU and residual epilogues do not combine")
-    if norm is not None:
-        ss = norm[0]
-        if ss.dim() != 2 or ss.shape[0] != m or ss.dtype != torch.float32 or not ss.is_contiguous():
-            raise QuantConfigError(
-                f"fma norm: ss must be contiguous float32 [{m}, tiles] (from fma_residual), got {ss.dtype} "
-                f"{list(ss.shape)}"
-            )
     sub = _fma_sub(cfg)
     n_chunks = k // PACK_K
     y = out if out is not None else torch.empty((m, n // 2 if silu else n), dtype=x.dtype, device=x.device)
-    h = sso = y
-    if residual is not None:
-        h = torch.empty_like(residual)
-        sso = torch.empty((m, n // cfg.block_n), dtype=torch.float32, device=x.device)
     grid_m = triton.cdiv(m, cfg.block_m)
     tiles = grid_m * (n // cfg.block_n)
     split, cnt, ws = _plan_split(cfg.split_k, n_chunks, tiles, cfg.block_m * cfg.block_n, scratch, x.device)
@@ -1066,7 +956,6 @@ def _fma_launch(
     if f16asm and x.data_ptr() % 4:
         x = x.clone()  # the (x[k], x[k+1]) pairs are read as int32
     on = pdl.enabled(x.device)
-    ss_in = norm[0] if norm is not None else sso
     _fma_kernel[(n // cfg.block_n, split, grid_m)](
         x,
         x.view(torch.int32) if f16asm else x,
@@ -1077,11 +966,6 @@ def _fma_launch(
         y,
         ws,
         cnt,
-        residual if residual is not None else y,
-        h,
-        norm_weight if norm_weight is not None else y,
-        sso,
-        ss_in,
         m,
         n,
         k // 8,
@@ -1089,9 +973,6 @@ def _fma_launch(
         x.stride(0),
         y.stride(0),
         split,
-        ss_in.shape[-1],
-        1.0 / k,
-        float(norm[1]) if norm is not None else 0.0,
         GROUP=g,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
@@ -1105,15 +986,11 @@ def _fma_launch(
         ACT=(2 if pdl.interpreting() else 1) if silu else 0,
         PDL=on,
         PF_ROWS=_prefetch_rows(on, n, n_chunks, split, cfg.prefetch_mb),
-        RES=residual is not None,
-        NORM=norm is not None,
-        NT_P2=triton.next_power_of_2(ss_in.shape[-1]) if norm is not None else 1,
-        INTERP=pdl.interpreting(),
         num_warps=cfg.num_warps,
         **({"enable_fp_fusion": False} if silu and not pdl.interpreting() else {}),
         **pdl.launch_opts(on),
     )
-    return y, h, sso
+    return y
 
 
 def mma(

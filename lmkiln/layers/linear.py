@@ -86,8 +86,10 @@ class Int4Linear(nn.Module):
         if x.device.type == "cuda":
             from lmkiln.kernels.dispatch import w4a16_mm, w4a16_silu_mm
 
+            if self.scratch.device != x.device or self.scratch.numel() != SCRATCH_TILES:
+                self.scratch = torch.zeros(SCRATCH_TILES, dtype=torch.int32, device=x.device)
             op = w4a16_silu_mm if fused else w4a16_mm
-            y = op(x.contiguous(), self.qweight, self.sz, self.zeros, self._scratch_on(x.device))
+            y = op(x.contiguous(), self.qweight, self.sz, self.zeros, self.scratch)
         else:
             from lmkiln.kernels.reference import w4a16_matmul_ref
 
@@ -101,48 +103,6 @@ class Int4Linear(nn.Module):
 
             y = gate_up_silu(y)
         return y
-
-    def folds_norm(self, m: int, dtype: torch.dtype, device: torch.device, silu: bool = False) -> bool:
-        """Whether an ``[m, K]`` input in ``dtype`` on ``device`` runs the ``fma`` kernel, whose epilogues
-        fold an RMSNorm (:meth:`forward_norm`, :meth:`forward_residual`): CUDA (or the Triton interpreter),
-        M <= 8, no K padding."""
-        from lmkiln.kernels.dispatch import fold_config
-        from lmkiln.kernels.pdl import interpreting
-
-        if self.packed_k != self.in_features or (device.type != "cuda" and not interpreting()):
-            return False
-        cfg = fold_config(m, self.out_features, self.packed_k, self.group_size, dtype, device, silu)
-        return cfg is not None
-
-    def _scratch_on(self, device: torch.device) -> torch.Tensor:
-        if self.scratch.device != device or self.scratch.numel() != SCRATCH_TILES:
-            self.scratch = torch.zeros(SCRATCH_TILES, dtype=torch.int32, device=device)
-        return self.scratch
-
-    def forward_norm(self, x: torch.Tensor, ss: torch.Tensor, eps: float) -> torch.Tensor:
-        """The layer after a folded RMSNorm: ``x = h * norm.weight`` and ``ss`` the partial sums of ``h²``
-        (from :meth:`forward_residual` of the previous projection); equals ``forward(norm(h))`` up to
-        rounding. An :class:`Int4GateUpSiLU` returns the activation (then it must have no bias: it comes
-        before the SiLU)."""
-        from lmkiln.kernels.dispatch import w4a16_norm_mm
-
-        silu = getattr(self, "applies_silu", False)
-        if silu and self.bias is not None:
-            raise QuantConfigError("a folded RMSNorm before a gate/up with a bias is not supported")
-        y = w4a16_norm_mm(x, self.qweight, self.sz, self.zeros, self._scratch_on(x.device), ss, eps, silu)
-        return y + self.bias.to(y.dtype) if self.bias is not None else y
-
-    def forward_residual(
-        self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``h = forward(x) + residual`` with the next RMSNorm folded in: ``(h * norm_weight, h, ss)`` for the
-        next layer's :meth:`forward_norm` (no bias: it would have to come before the residual add)."""
-        from lmkiln.kernels.dispatch import w4a16_residual_mm
-
-        if self.bias is not None:
-            raise QuantConfigError("a residual epilogue after a linear with a bias is not supported")
-        return w4a16_residual_mm(x, self.qweight, self.sz, self.zeros, self._scratch_on(x.device), residual,
-                                 norm_weight)
 
     def extra_repr(self) -> str:
         return (

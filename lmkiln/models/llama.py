@@ -32,7 +32,6 @@ from lmkiln.models.checkpoint import Checkpoint
 from lmkiln.models.config import ModelConfig
 
 FUSED_ENV = "LMKILN_FUSED"
-NORM_FOLD_ENV = "LMKILN_NORM_FOLD"
 
 
 def use_fused_ops(device: torch.device) -> bool:
@@ -124,31 +123,19 @@ class Attention(nn.Module):
         fused: bool = False,
     ) -> torch.Tensor:
         """``x [T, hidden]`` (new tokens of several sequences), ``cos``/``sin`` ``[T, head_dim]``."""
-        return self.o_proj(self.attend(*self.qkv(x), cos, sin, cache, meta, backend, fused))
-
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: Any,
-        meta: Any,
-        backend: Any,
-        fused: bool = False,
-    ) -> torch.Tensor:
-        """Rotary, KV write and attention of the projected ``q, k, v [T, heads * D]`` -> ``[T, Hq * D]``."""
-        t = q.shape[0]
+        t = x.shape[0]
+        q, k, v = self.qkv(x)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if fused:  # the backend rotates the (strided) q/k views in place; its kernels take a strided v
-            return backend.forward(q, k, v, cache, meta, self.head_dim**-0.5, rope=(cos, sin)).reshape(t, -1)
+            out = backend.forward(q, k, v, cache, meta, self.head_dim**-0.5, rope=(cos, sin))
+            return self.o_proj(out.reshape(t, -1))
         v = v.contiguous()  # a strided slice when fused
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        return backend.forward(q, k, v, cache, meta, self.head_dim**-0.5).reshape(t, -1)
+        out = backend.forward(q, k, v, cache, meta, self.head_dim**-0.5)
+        return self.o_proj(out.reshape(t, -1))
 
 
 class MLP(nn.Module):
@@ -211,50 +198,6 @@ class DecoderLayer(nn.Module):
         x = self.self_attn.forward_paged(x, cos, sin, cache, meta, backend, fused)
         x, residual = self.post_attention_layernorm(x, residual, fused)
         return self.mlp(x, fused), residual
-
-    def folds_norms(self, t: int, dtype: torch.dtype, device: torch.device) -> bool:
-        """Whether :meth:`forward_folded` can run ``t`` tokens: all four projections are int4 linears on the
-        ``fma`` kernel (one rank, no bias where an epilogue adds the residual)."""
-        from lmkiln.layers import Int4GateUpSiLU, Int4Linear
-
-        attn, mlp = self.self_attn, self.mlp
-        lins = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if any(type(lin) not in (Int4Linear, Int4GateUpSiLU) for lin in lins):
-            return False
-        if attn.o_proj.bias is not None or mlp.down_proj.bias is not None:
-            return False
-        silu = getattr(mlp.gate_up_proj, "applies_silu", False)
-        if silu and mlp.gate_up_proj.bias is not None:
-            return False
-        return all(lin.folds_norm(t, dtype, device, lin is mlp.gate_up_proj and silu) for lin in lins)
-
-    def forward_folded(
-        self,
-        x: torch.Tensor,
-        h: torch.Tensor,
-        ss: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: Any,
-        meta: Any,
-        backend: Any,
-        next_norm_weight: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The decode layer with both RMSNorms folded into the int4 GEMMs (no norm kernel; see
-        ``kernels.w4a16.fma_residual``). In: the residual stream ``h``, ``x = h * input_layernorm.weight`` and
-        ``ss`` the partial sums of ``h²``. Out: the same three for the next layer, whose input norm weight is
-        ``next_norm_weight``. Equal to :meth:`forward_paged` up to rounding (the norm's ``rsqrt`` scales the
-        GEMM output instead of its input)."""
-        attn, mlp = self.self_attn, self.mlp
-        q, k, v = attn.qkv_proj.forward_norm(x, ss, self.input_layernorm.eps).split(attn.qkv_sizes, dim=-1)
-        out = attn.attend(q, k, v, cos, sin, cache, meta, backend, fused=True)
-        x, h, ss = attn.o_proj.forward_residual(out, h, self.post_attention_layernorm.weight)
-        a = mlp.gate_up_proj.forward_norm(x, ss, self.post_attention_layernorm.eps)
-        if not getattr(mlp.gate_up_proj, "applies_silu", False):
-            from lmkiln.kernels.fused import silu_mul
-
-            a = silu_mul(*a.chunk(2, dim=-1))
-        return mlp.down_proj.forward_residual(a, h, next_norm_weight)
 
     def fuse(
         self, qkv_proj: nn.Module, o_proj: nn.Module, gate_up_proj: nn.Module, down_proj: nn.Module
@@ -326,7 +269,6 @@ class CausalLM(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
-        self._fold_plan: dict[tuple, bool] = {}  # folds_norms per (tokens, dtype, device)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, T, V]`` for a batch of full sequences starting at position 0."""
@@ -356,44 +298,12 @@ class CausalLM(nn.Module):
         cos, sin = self.rotary(positions.unsqueeze(0), x.dtype)
         cos, sin = cos[0], sin[0]
         fused = use_fused_ops(x.device)
-        if fused and self.folds_norms(x.shape[0], x.dtype, x.device):
-            return self._forward_folded(x, cos, sin, kv_caches, meta, backend)
         residual = None
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
             x, residual = layer.forward_paged(x, residual, cos, sin, cache, meta, backend, fused)
         if residual is None:
             return self.model.norm(x, fused=fused)
         return self.model.norm(x, residual, fused)[0]
-
-    def folds_norms(self, t: int, dtype: torch.dtype, device: torch.device) -> bool:
-        """Whether a step of ``t`` tokens runs with the RMSNorms folded into the int4 GEMMs (small decode
-        batches of packed models on the GPU; ``LMKILN_NORM_FOLD=0`` turns it off). Cached per shape."""
-        from lmkiln.errors import ModelError
-
-        choice = os.environ.get(NORM_FOLD_ENV, "").strip()
-        if choice not in ("", "0", "1"):
-            raise ModelError(f"{NORM_FOLD_ENV}={choice!r}: use 0 (off) or 1 / unset (on where it applies)")
-        if choice == "0":
-            return False
-        key = (t, dtype, device)
-        if key not in self._fold_plan:
-            self._fold_plan[key] = all(layer.folds_norms(t, dtype, device) for layer in self.model.layers)
-        return self._fold_plan[key]
-
-    def _forward_folded(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches: Sequence[Any], meta: Any,
-        backend: Any,
-    ) -> torch.Tensor:
-        """:meth:`forward_paged` through :meth:`DecoderLayer.forward_folded`: the first norm's ``h * w`` and
-        ``sum(h²)`` come from torch, the last layer's residual goes through the final norm kernel."""
-        layers = self.model.layers
-        h = x
-        x = (h.float() * layers[0].input_layernorm.weight.float()).to(h.dtype)
-        ss = h.float().pow(2).sum(-1, keepdim=True)
-        for i, (layer, cache) in enumerate(zip(layers, kv_caches, strict=True)):
-            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            x, h, ss = layer.forward_folded(x, h, ss, cos, sin, cache, meta, backend, nxt.weight)
-        return self.model.norm(h, fused=True)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
@@ -407,7 +317,6 @@ class CausalLM(nn.Module):
         from lmkiln.quant.pack import GATE_UP_BLOCK
 
         changed = 0
-        self._fold_plan.clear()
         for layer in self.model.layers:
             lin = layer.mlp.gate_up_proj
             if type(lin) is Int4Linear and lin.out_features % (2 * GATE_UP_BLOCK) == 0:

@@ -117,28 +117,3 @@ def test_decode_step_kernels_match_the_torch_oracle(tiny_llama_dir, monkeypatch,
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     single = eng.generate(prompts[:1], params)  # batch 1: the most splits
     assert single[0].token_ids == want[0].token_ids
-
-
-def test_folded_norms_on_gpu(tiny_llama_dir, tmp_path, monkeypatch) -> None:
-    """The tiny Llama packed to int4, fp16, CUDA graphs: decode with both RMSNorms folded into the int4
-    GEMMs (the default where the fma kernel runs) gives the greedy tokens of the norm kernels
-    (``LMKILN_NORM_FOLD=0``), with log-probs equal up to fp16 rounding."""
-    from lmkiln.quant.awq import rtn_quantize
-    from lmkiln.quant.pack import pack_checkpoint
-    from lmkiln.quant.rtn import QuantSpec
-
-    packed = pack_checkpoint(rtn_quantize(tiny_llama_dir, tmp_path / "rtn", QuantSpec(4, 64), progress=False),
-                             tmp_path / "packed")
-    prompts = [list(range(2, 40)), [5, 6, 7], [9] * 20]
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
-    outs = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("LMKILN_NORM_FOLD", flag)
-        loaded = load_model(packed, "cuda", "float16")
-        eng = _engine(packed, loaded=loaded)
-        assert eng.runner.decode_graphs is not None
-        outs[flag] = eng.generate(prompts, params)
-        assert (True in loaded.model._fold_plan.values()) == (flag == "1")
-    assert [o.token_ids for o in outs["1"]] == [o.token_ids for o in outs["0"]]
-    for a, b in zip(outs["1"], outs["0"], strict=True):
-        assert [x.logprob for x in a.logprobs] == pytest.approx([x.logprob for x in b.logprobs], abs=2e-2)

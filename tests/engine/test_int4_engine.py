@@ -10,7 +10,6 @@ import torch
 from lmkiln.engine import EngineConfigError, LLMEngine, SamplingParams, load_model
 from lmkiln.engine.config import EngineConfig
 from lmkiln.engine.loader import resolve_int4
-from lmkiln.errors import ModelError
 from lmkiln.layers import Int4Linear
 
 PROMPTS = [list(range(3, 24)), [7, 8], [*range(40, 53), 5]]
@@ -97,38 +96,3 @@ def test_fused_ops_interleave_gate_up_for_the_silu_epilogue(packed_dir: Path, mo
     assert [o.token_ids for o in outs["1"]] == [o.token_ids for o in outs["0"]]
     for a, b in zip(outs["1"], outs["0"], strict=True):
         assert [x.logprob for x in a.logprobs] == pytest.approx([x.logprob for x in b.logprobs], abs=1e-4)
-
-
-def test_folded_norms_match_the_norm_kernels(tmp_path: Path, make_tiny_model, monkeypatch) -> None:
-    """Decode steps of <= 8 tokens with both RMSNorms folded into the int4 GEMMs (``fma_residual`` /
-    ``fma(norm=...)``; the Triton interpreter on the CPU, fp16) give the tokens of the norm kernels
-    (``LMKILN_NORM_FOLD=0``), with log-probs equal up to fp16 rounding."""
-    triton = pytest.importorskip("triton")
-    from lmkiln.kernels import fused
-
-    from lmkiln.quant.awq import rtn_quantize
-    from lmkiln.quant.pack import pack_checkpoint
-    from lmkiln.quant.rtn import QuantSpec
-
-    if torch.cuda.is_available() or not isinstance(
-        fused._rmsnorm_kernel, triton.runtime.interpreter.InterpretedFunction
-    ):
-        pytest.skip("CPU-interpreter test (the GPU engine tests run the fused path on CUDA)")
-    src = make_tiny_model(tmp_path / "llama")  # hidden 128: no K padding, no biases
-    packed = pack_checkpoint(rtn_quantize(src, tmp_path / "awq", QuantSpec(4, 64), progress=False),
-                             tmp_path / "packed")
-    p = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=1)
-    kw = dict(block_size=4, cache_max_entry_count=64, dtype="float16")
-    monkeypatch.setenv("LMKILN_FUSED", "1")
-    outs = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("LMKILN_NORM_FOLD", flag)
-        loaded = load_model(packed, "cpu", "float16", int4="on")
-        outs[flag] = LLMEngine(EngineConfig(packed, **kw), loaded=loaded).generate(PROMPTS, p)
-        assert (True in loaded.model._fold_plan.values()) == (flag == "1")  # decode steps took the fold
-    assert [o.token_ids for o in outs["1"]] == [o.token_ids for o in outs["0"]]
-    for a, b in zip(outs["1"], outs["0"], strict=True):
-        assert [x.logprob for x in a.logprobs] == pytest.approx([x.logprob for x in b.logprobs], abs=2e-2)
-    monkeypatch.setenv("LMKILN_NORM_FOLD", "yes")
-    with pytest.raises(ModelError, match="LMKILN_NORM_FOLD"):
-        loaded.model.folds_norms(1, torch.float16, torch.device("cpu"))
