@@ -24,6 +24,7 @@ not the interpreter). A GEMV prefetches up to its tuned ``KernelConfig.prefetch_
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 
@@ -53,6 +54,12 @@ def enabled(device: torch.device) -> bool:
         raise KernelInputError(f"{PDL_ENV}={choice!r}: use 0 (off), 1 (on where supported) or leave it unset")
     if choice == "0" or device.type != "cuda" or interpreting():
         return False
+    return _supports_pdl(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _supports_pdl(device: torch.device) -> bool:
+    """Compute capability >= 9 (asked once per device: :func:`enabled` runs at every launch)."""
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
