@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,10 @@ log = logging.getLogger(__name__)
 
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 FMA_MAX_M = 8  # the CUDA-core kernel's largest row block (kind "fma")
+ATOMIC_ENV = "LMKILN_ATOMIC_SPLITK"
+# H100, 7B shape (notes/engine.md, session 7): atomic o / down GEMVs took the batch-1 decode step from 2.31 to
+# 2.25 ms, but batch 4 from 3.51 to 3.66 ms (4 rows: 4x the atomics on the same addresses)
+ATOMIC_MAX_M = 1
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -146,6 +151,20 @@ def choose_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, d
             return cfg
     sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     return heuristic_config(m, n, k, group_size, sm, fma=dtype != torch.bfloat16)
+
+
+def atomic_splitk_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, device: torch.device):
+    """The ``fma`` config of a GEMM whose split-K partials may be added with atomics into a float32 output
+    (``w4a16.fma(..., reduce="atomic")``), or None: not on CUDA, not fp16, M > ``ATOMIC_MAX_M``, the
+    dispatcher picks another kernel for this M, or ``LMKILN_ATOMIC_SPLITK=0``. Read at every call (an A/B
+    switch, as ``LMKILN_PDL``)."""
+    choice = os.environ.get(ATOMIC_ENV, "").strip()
+    if choice not in ("", "0", "1"):
+        raise QuantConfigError(f"{ATOMIC_ENV}={choice!r}: use 0 (off), 1 (on) or leave it unset")
+    if choice == "0" or device.type != "cuda" or dtype != torch.float16 or not 0 < m <= ATOMIC_MAX_M:
+        return None
+    cfg = choose_config(m, n, k, group_size, dtype, device)
+    return cfg if cfg.kind == "fma" else None
 
 
 def w4a16_matmul(

@@ -102,30 +102,40 @@ def _rmsnorm_kernel(
     BLOCK_N: tl.constexpr,
     INTERP: tl.constexpr,
     PDL: tl.constexpr,
+    CONSUME: tl.constexpr = False,
 ):
     pdl.enter(PDL)
+    DT: tl.constexpr = y_ptr.dtype.element_ty  # x's dtype, or the residual's where CONSUME
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < N
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if CONSUME:  # x: a float32 split-K accumulator, rounded as the GEMM's output would be, then zeroed
+        x = x.to(DT)
+        tl.store(x_ptr + row * stride_x + offs, tl.zeros((BLOCK_N,), tl.float32), mask=mask)
     if HAS_RES:
         r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)  # x + residual, in x's dtype
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(DT)  # x + residual, in x's dtype
         tl.store(ro_ptr + row * stride_ro + offs, x, mask=mask)
     xf = x.to(tl.float32)
     ms = tl.sum(xf * xf, axis=0) * inv_n  # torch's mean: sum * (1/N)
     # rsqrtf as torch's CUDA rsqrt; the interpreter (no libdevice) does 1 / sqrt, as torch's CPU rsqrt
     inv = tl.math.rsqrt(ms + eps) if INTERP else libdevice.rsqrt(ms + eps)
-    xn = (xf * inv).to(x_ptr.dtype.element_ty)
+    xn = (xf * inv).to(DT)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     y = w.to(tl.float32) * xn.to(tl.float32)
     tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _norm(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, consume: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     _check(x, "x")
+    if consume and (residual is None or x.dtype != torch.float32 or not x.is_contiguous()):
+        raise KernelInputError(
+            "add_rmsnorm(consume=True) reads and zeroes a float32 split-K accumulator: x must be a "
+            f"contiguous float32 tensor and a residual is needed, got x {x.dtype} strides {x.stride()}"
+        )
     _check(weight, "weight", dim=1)
     n = x.shape[-1]
     if weight.shape[0] != n:
@@ -142,11 +152,17 @@ def _norm(
                 f"residual {list(residual.shape)} and x {list(x.shape)} must have the same shape"
             )
         tensors["residual"] = residual
+    dt = x.dtype
+    if consume and residual is not None:  # x is float32, the rest in the activation dtype
+        if x.device != residual.device:
+            raise KernelInputError(f"rmsnorm tensors must share one device: {x.device}, {residual.device}")
+        del tensors["x"]
+        dt = residual.dtype
     _same(tensors, "rmsnorm")
     x2 = _rows(x, "x")
     r2 = _rows(residual, "residual") if residual is not None else x2
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    ro = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else y
+    y = torch.empty(x.shape, dtype=dt, device=x.device)
+    ro = torch.empty(x.shape, dtype=dt, device=x.device) if residual is not None else y
     rows = x2.shape[0]
     if rows == 0:
         return y, (ro if residual is not None else None)
@@ -169,6 +185,7 @@ def _norm(
         BLOCK_N=block,
         INTERP=interpreting(),
         PDL=on,
+        CONSUME=consume,
         num_warps=_warps(block),
         **_launch_opts(on),
     )
@@ -181,10 +198,13 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rmsnorm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, consume: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``h = x + residual`` (in the input dtype); returns ``(rmsnorm(h, weight, eps), h)``."""
-    y, h = _norm(x, residual, weight, eps)
+    """``h = x + residual`` (in the input dtype); returns ``(rmsnorm(h, weight, eps), h)``. ``consume``: ``x``
+    is a float32 split-K accumulator (``Int4Linear.matmul_acc``): it is rounded to the residual's dtype
+    first, as the GEMM's own output would be, and zeroed for the GEMM's next launch; outputs take the
+    residual's dtype."""
+    y, h = _norm(x, residual, weight, eps, consume)
     return y, h  # type: ignore[return-value]
 
 
@@ -198,15 +218,21 @@ def rotate_heads(x_ptr, tok, stride_t, stride_h, H, head0, c1, c2, s1, s2, D2, B
     offs_d = tl.arange(0, HALF)
     m = (offs_h[:, None] < H) & (offs_d[None, :] < D2)
     p = x_ptr + tok * stride_t + offs_h[:, None] * stride_h + offs_d[None, :]
-    x1 = tl.load(p, mask=m, other=0.0)
-    x2 = tl.load(p + D2, mask=m, other=0.0)
+    o1, o2 = rotate_halves(tl.load(p, mask=m, other=0.0), tl.load(p + D2, mask=m, other=0.0), c1, c2, s1, s2)
+    tl.store(p, o1, mask=m)
+    tl.store(p + D2, o2, mask=m)
+
+
+@triton.jit
+def rotate_halves(x1, x2, c1, c2, s1, s2):
+    """The rotary of a head's halves ``x1 = x[:D/2]``, ``x2 = x[D/2:]`` in their dtype: ``x * cos +
+    rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x2, x1)``, every product and sum rounded to that
+    dtype as the torch code rounds (``c*``/``s*``: float32 cos / sin halves)."""
     dt = x1.dtype
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    # x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1); every product and sum rounded to dt
     o1 = (x1f * c1).to(dt).to(tl.float32) + (-x2f * s1).to(dt).to(tl.float32)
     o2 = (x2f * c2).to(dt).to(tl.float32) + (x1f * s2).to(dt).to(tl.float32)
-    tl.store(p, o1.to(dt), mask=m)
-    tl.store(p + D2, o2.to(dt), mask=m)
+    return o1.to(dt), o2.to(dt)
 
 
 @triton.jit

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 ACT_DTYPES = (torch.float16, torch.bfloat16)  # also in reference.py
 KERNEL_KINDS = ("gemv", "fma", "mma", "dequant_mm")
+REDUCE_MODES = {"ordered": 0, "atomic": 1, "none": 2}  # fma's split-K reductions, see _finish_tile
 
 
 @dataclass(frozen=True)
@@ -223,16 +224,24 @@ def _epilogue(acc, DT: tl.constexpr, ACT: tl.constexpr):
 @triton.jit
 def _finish_tile(
     acc, c_ptrs, c_mask, local, ws_ptr, cnt_ptr, tile_id, pid_k, SPLIT_K, TILE: tl.constexpr,
-    ACT: tl.constexpr, SPLIT_P2: tl.constexpr,
+    ACT: tl.constexpr, SPLIT_P2: tl.constexpr, REDUCE: tl.constexpr = 0,
 ):
-    """Store ``acc`` (SPLIT_K == 1) or add it to the tile's split-K partials; the last program writes (through
-    :func:`_epilogue`: ``c_ptrs`` / ``c_mask`` are half a tile wide when ``ACT``). It sums the partials in
-    order 0, 1, ..., SPLIT_K - 1 (deterministic). ``SPLIT_P2`` > 0 (a power of two >= SPLIT_K; the small
-    tiles of gemv / fma) unrolls that loop with masked loads, so that all loads are in flight at once
-    instead of one L2 round trip each; 0 keeps it rolled (mma: unrolled over a 16 x 128 tile it raised the
-    kernel from 152 to 183 registers, one CTA less per SM)."""
+    """``REDUCE`` 0: store ``acc`` (SPLIT_K == 1) or add it to the tile's split-K partials; the last program
+    writes (through :func:`_epilogue`: ``c_ptrs`` / ``c_mask`` are half a tile wide when ``ACT``). It sums
+    the partials in order 0, 1, ..., SPLIT_K - 1 (deterministic). ``SPLIT_P2`` > 0 (a power of two >=
+    SPLIT_K; the small tiles of gemv / fma) unrolls that loop with masked loads, so that all loads are in
+    flight at once instead of one L2 round trip each; 0 keeps it rolled (mma: unrolled over a 16 x 128 tile
+    it raised the kernel from 152 to 183 registers, one CTA less per SM).
+
+    ``REDUCE`` 1 (``atomic``): ``c_ptrs`` is a zeroed float32 output and every program adds its partial
+    (``red.global.add.f32``, fire and forget: no counter, no second pass; the order of the sum, so the last
+    bits, vary from run to run). 2 (``none``, for measurements only): partials stored, never summed."""
     DT: tl.constexpr = c_ptrs.dtype.element_ty
-    if SPLIT_K == 1:
+    if REDUCE == 1:
+        tl.atomic_add(c_ptrs, acc, mask=c_mask, sem="relaxed", scope="gpu")
+    elif REDUCE == 2:
+        tl.store(ws_ptr + (tile_id * SPLIT_K + pid_k) * TILE + local, acc)
+    elif SPLIT_K == 1:
         tl.store(c_ptrs, _epilogue(acc, DT, ACT), mask=c_mask)
     else:
         base = ws_ptr + tile_id * SPLIT_K * TILE
@@ -472,6 +481,7 @@ def _fma_kernel(
     SPLIT_P2: tl.constexpr,
     PDL: tl.constexpr,
     PF_ROWS: tl.constexpr,
+    REDUCE: tl.constexpr,
 ):
     """``y = x @ W`` for ``BLOCK_M`` (1..8) activation rows per program on the CUDA cores (``ACT``: the SiLU
     epilogue of an interleaved gate/up weight, see :func:`_epilogue`; ``y`` is then ``[M, N / 2]``).
@@ -582,6 +592,7 @@ def _fma_kernel(
         BLOCK_M * BLOCK_N,
         ACT,
         SPLIT_P2,
+        REDUCE,
     )
 
 
@@ -927,13 +938,23 @@ def fma(
     scratch: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     silu: bool = False,
+    reduce: str = "ordered",
 ) -> torch.Tensor:
     """``y [M, N] = x [M, K] @ W`` on the CUDA cores, ``cfg.block_m`` (1..8) rows per program, split-K.
 
     Every dequantized weight is reused across the program's rows; needs the packed ``zeros``. ``silu``: ``W``
     is a gate/up weight interleaved by :func:`gate_up_interleave` and ``y [M, N / 2]`` is ``silu(gate) * up``
-    (the SiLU is applied where the tile is written; ``cfg.block_n`` must be a multiple of 64)."""
+    (the SiLU is applied where the tile is written; ``cfg.block_n`` must be a multiple of 64).
+
+    ``reduce``: how the split-K partials meet (:func:`_finish_tile`). ``"ordered"`` (default): in a fixed
+    order, deterministic. ``"atomic"``: every program adds its partial into ``out``, a zeroed float32
+    ``[M, N]`` the caller owns and must zero again before the next launch; no workspace, no counter, no second
+    pass (H100, the 7B linears at M=1: 1.768 -> 1.584 ms a forward, scripts/experiments/decode_ablation.py),
+    but the last bits vary from run to run. ``"none"``: partials never summed (measurements only)."""
     m, n, k, g = check_inputs(x, qweight, sz, zeros)
+    mode = REDUCE_MODES.get(reduce)
+    if mode is None:
+        raise QuantConfigError(f"fma: reduce={reduce!r}; use one of {sorted(REDUCE_MODES)}")
     if zeros is None:
         raise QuantConfigError("the fma kernel needs the packed `zeros` tensor (uint8 [K/G, N])")
     _check_tile(n, cfg.block_n, "fma")
@@ -948,10 +969,30 @@ def fma(
         )
     sub = _fma_sub(cfg)
     n_chunks = k // PACK_K
-    y = out if out is not None else torch.empty((m, n // 2 if silu else n), dtype=x.dtype, device=x.device)
     grid_m = triton.cdiv(m, cfg.block_m)
     tiles = grid_m * (n // cfg.block_n)
-    split, cnt, ws = _plan_split(cfg.split_k, n_chunks, tiles, cfg.block_m * cfg.block_n, scratch, x.device)
+    if mode == 1:
+        if silu:
+            raise QuantConfigError("fma: the SiLU epilogue needs the whole sum; use reduce='ordered'")
+        if (
+            out is None
+            or out.dtype != torch.float32
+            or tuple(out.shape) != (m, n)
+            or out.stride(1) != 1
+            or out.device != x.device
+        ):
+            got = "None" if out is None else f"{out.dtype} {list(out.shape)} on {out.device}"
+            raise QuantConfigError(
+                f"fma(reduce='atomic') adds into `out`: pass a zeroed float32 [{m}, {n}] tensor on "
+                f"{x.device} with a contiguous last dim, got {got}"
+            )
+        y = out
+        split = max(1, min(cfg.split_k, n_chunks))
+        cnt, ws = _split_buffers(None, tiles, 1, 0, x.device)  # stand-ins: no counters, no workspace
+    else:
+        y = out if out is not None else x.new_empty((m, n // 2 if silu else n))
+        tile = cfg.block_m * cfg.block_n
+        split, cnt, ws = _plan_split(cfg.split_k, n_chunks, tiles, tile, scratch, y.device)
     f16asm = x.dtype == torch.float16 and not pdl.interpreting()
     if f16asm and x.data_ptr() % 4:
         x = x.clone()  # the (x[k], x[k+1]) pairs are read as int32
@@ -986,6 +1027,7 @@ def fma(
         ACT=(2 if pdl.interpreting() else 1) if silu else 0,
         PDL=on,
         PF_ROWS=_prefetch_rows(on, n, n_chunks, split, cfg.prefetch_mb),
+        REDUCE=mode,
         num_warps=cfg.num_warps,
         **({"enable_fp_fusion": False} if silu and not pdl.interpreting() else {}),
         **pdl.launch_opts(on),

@@ -48,6 +48,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.contiguous())
         # split-K counters: zero, and every kernel launch leaves them zero; not part of the state dict
         self.register_buffer("scratch", torch.zeros(0, dtype=torch.int32), persistent=False)
+        # float32 [1, N] output of the atomic split-K GEMV (matmul_acc): zero between a GEMV and its consumer
+        self.register_buffer("acc", None, persistent=False)
 
     @classmethod
     def from_packed(
@@ -73,6 +75,29 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, silu=False)
+
+    def matmul_acc(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``(y, pending)``. Where the decode GEMV (``fma``, fp16, M = 1, no bias) runs, its split-K programs
+        add their partials with atomics into this layer's float32 accumulator, and ``y`` is that
+        accumulator's ``[M, N]`` rows, ``pending`` True: the caller must hand ``y`` to a consumer that reads
+        it and zeroes it again (``kernels.fused.add_rmsnorm(..., consume=True)``) before this layer runs
+        again. Else ``(self(x), False)``. Saves each GEMV its split-K tail (notes/engine.md, session 7)."""
+        from lmkiln.kernels.dispatch import ATOMIC_MAX_M, atomic_splitk_config
+
+        if x.device.type != "cuda" or self.bias is not None or self.packed_k != self.in_features:
+            return self(x), False
+        x2 = x.reshape(-1, x.shape[-1])
+        m = x2.shape[0]
+        cfg = atomic_splitk_config(m, self.out_features, self.packed_k, self.group_size, x.dtype, x.device)
+        if cfg is None or x.shape[-1] != self.in_features:
+            return self(x), False
+        from lmkiln.kernels import w4a16
+
+        if self.acc is None or self.acc.device != x.device:
+            self.acc = torch.zeros(ATOMIC_MAX_M, self.out_features, dtype=torch.float32, device=x.device)
+        y = self.acc[:m]
+        w4a16.fma(x2.contiguous(), self.qweight, self.sz, self.zeros, cfg, out=y, reduce="atomic")
+        return y.view(*x.shape[:-1], self.out_features), True
 
     def _matmul(self, x: torch.Tensor, silu: bool) -> torch.Tensor:
         """``x @ W + b``; ``silu``: ``W`` is an interleaved gate/up weight, the result ``silu(gate) * up``."""

@@ -53,15 +53,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, fused: bool = False
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        fused: bool = False,
+        consume: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)``. ``fused``: Triton."""
+        """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)``. ``fused``: Triton.
+        ``consume``: ``x`` is a pending float32 split-K accumulator (see :func:`project`), zeroed as read."""
         if fused:
             from lmkiln.kernels import fused as kf
 
             if residual is None:
                 return kf.rmsnorm(x, self.weight, self.eps)
-            return kf.add_rmsnorm(x, residual, self.weight, self.eps)
+            return kf.add_rmsnorm(x, residual, self.weight, self.eps, consume)
+        if consume:
+            raise ValueError("RMSNorm: consume=True needs the fused kernels (a pending accumulator)")
         if residual is not None:
             residual = x + residual
             return self.forward(residual), residual
@@ -69,6 +76,16 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+def project(linear: nn.Module, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor, bool]:
+    """``(linear(x), pending)``. In the fused path an int4 decode GEMV may leave its output pending in the
+    layer's float32 split-K accumulator (``Int4Linear.matmul_acc``): the next RMSNorm must then consume it
+    (``consume=True`` reads and zeroes it). Used for ``o_proj`` and ``down_proj``, whose consumer is the
+    residual add + RMSNorm."""
+    if fused and hasattr(linear, "matmul_acc"):
+        return linear.matmul_acc(x)
+    return linear(x), False
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -121,8 +138,9 @@ class Attention(nn.Module):
         meta: Any,
         backend: Any,
         fused: bool = False,
-    ) -> torch.Tensor:
-        """``x [T, hidden]`` (new tokens of several sequences), ``cos``/``sin`` ``[T, head_dim]``."""
+    ) -> tuple[torch.Tensor, bool]:
+        """``x [T, hidden]`` (new tokens of several sequences), ``cos``/``sin`` ``[T, head_dim]``; returns
+        ``o_proj``'s output and whether it is pending (:func:`project`)."""
         t = x.shape[0]
         q, k, v = self.qkv(x)
         q = q.reshape(t, self.num_heads, self.head_dim)
@@ -130,12 +148,12 @@ class Attention(nn.Module):
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if fused:  # the backend rotates the (strided) q/k views in place; its kernels take a strided v
             out = backend.forward(q, k, v, cache, meta, self.head_dim**-0.5, rope=(cos, sin))
-            return self.o_proj(out.reshape(t, -1))
+            return project(self.o_proj, out.reshape(t, -1), fused)
         v = v.contiguous()  # a strided slice when fused
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         out = backend.forward(q, k, v, cache, meta, self.head_dim**-0.5)
-        return self.o_proj(out.reshape(t, -1))
+        return self.o_proj(out.reshape(t, -1)), False
 
 
 class MLP(nn.Module):
@@ -147,8 +165,16 @@ class MLP(nn.Module):
         self.gate_up_proj: nn.Module | None = None  # fused gate/up, set by DecoderLayer.fuse
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        return self.down_proj(self.activation(x, fused))
+
+    def forward_paged(self, x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, bool]:
+        """``(down_proj output, pending)`` (see :func:`project`)."""
+        return project(self.down_proj, self.activation(x, fused), fused)
+
+    def activation(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """``silu(gate(x)) * up(x)``, the input of ``down_proj``."""
         if getattr(self.gate_up_proj, "applies_silu", False):  # lmkiln.layers.Int4GateUpSiLU
-            return self.down_proj(self.gate_up_proj(x))
+            return self.gate_up_proj(x)
         if self.gate_up_proj is not None:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
@@ -156,8 +182,8 @@ class MLP(nn.Module):
         if fused:
             from lmkiln.kernels.fused import silu_mul
 
-            return self.down_proj(silu_mul(gate, up))
-        return self.down_proj(F.silu(gate) * up)
+            return silu_mul(gate, up)
+        return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
@@ -188,16 +214,20 @@ class DecoderLayer(nn.Module):
         meta: Any,
         backend: Any,
         fused: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """vLLM style: returns ``(mlp output, residual)``, whose sum is the layer's output (``residual``
-        None: ``x`` is the layer's input; else the input is ``x + residual``). Same numbers as ``forward``."""
+        pending: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """vLLM style: returns ``(mlp output, residual, pending)``; the sum of the first two is the layer's
+        output (``residual`` None: ``x`` is the layer's input; else the input is ``x + residual``). Same
+        numbers as ``forward``. ``pending``: ``x`` is the previous layer's pending accumulator, and so may the
+        returned output be (:func:`project`)."""
         if residual is None:
             x, residual = self.input_layernorm(x, fused=fused), x
         else:
-            x, residual = self.input_layernorm(x, residual, fused)
-        x = self.self_attn.forward_paged(x, cos, sin, cache, meta, backend, fused)
-        x, residual = self.post_attention_layernorm(x, residual, fused)
-        return self.mlp(x, fused), residual
+            x, residual = self.input_layernorm(x, residual, fused, pending)
+        x, pending = self.self_attn.forward_paged(x, cos, sin, cache, meta, backend, fused)
+        x, residual = self.post_attention_layernorm(x, residual, fused, pending)
+        x, pending = self.mlp.forward_paged(x, fused)
+        return x, residual, pending
 
     def fuse(
         self, qkv_proj: nn.Module, o_proj: nn.Module, gate_up_proj: nn.Module, down_proj: nn.Module
@@ -298,12 +328,14 @@ class CausalLM(nn.Module):
         cos, sin = self.rotary(positions.unsqueeze(0), x.dtype)
         cos, sin = cos[0], sin[0]
         fused = use_fused_ops(x.device)
-        residual = None
+        residual, pending = None, False
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
-            x, residual = layer.forward_paged(x, residual, cos, sin, cache, meta, backend, fused)
+            x, residual, pending = layer.forward_paged(
+                x, residual, cos, sin, cache, meta, backend, fused, pending
+            )
         if residual is None:
             return self.model.norm(x, fused=fused)
-        return self.model.norm(x, residual, fused)[0]
+        return self.model.norm(x, residual, fused, pending)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

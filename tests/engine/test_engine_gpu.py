@@ -117,3 +117,36 @@ def test_decode_step_kernels_match_the_torch_oracle(tiny_llama_dir, monkeypatch,
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     single = eng.generate(prompts[:1], params)  # batch 1: the most splits
     assert single[0].token_ids == want[0].token_ids
+
+
+@pytest.fixture(scope="module")
+def tiny_packed(tiny_llama_dir, tmp_path_factory) -> Path:
+    from lmkiln.quant.awq import rtn_quantize
+    from lmkiln.quant.pack import pack_checkpoint
+    from lmkiln.quant.rtn import QuantSpec
+
+    tmp = tmp_path_factory.mktemp("tiny-int4")
+    return pack_checkpoint(rtn_quantize(tiny_llama_dir, tmp / "rtn", QuantSpec(4, 64), progress=False),
+                           tmp / "packed")
+
+
+def test_atomic_split_k_decode_on_the_tiny_int4_llama(tiny_packed, monkeypatch) -> None:
+    """The int4 decode GEMVs of o_proj and down_proj add their split-K partials with atomics into float32
+    accumulators that the next RMSNorm reads and zeroes: greedy tokens agree with the ordered reduction
+    (``LMKILN_ATOMIC_SPLITK=0``; the sum order may flip a near tie), and every accumulator is zero between
+    steps, through CUDA graphs and eager prefill alike."""
+    prompts = [list(range(2, 70)), [5, 6, 7], [9] * 20]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    kw = dict(device="cuda", dtype="float16", max_num_seqs=4, session_len=256, cache_max_entry_count=32)
+    monkeypatch.setenv("LMKILN_ATOMIC_SPLITK", "0")
+    want = [o.token_ids for o in LLMEngine(EngineConfig(tiny_packed, **kw)).generate(prompts, params)]
+    monkeypatch.delenv("LMKILN_ATOMIC_SPLITK")
+    eng = LLMEngine(EngineConfig(tiny_packed, **kw))
+    assert eng.runner.decode_graphs is not None
+    got = [o.token_ids for o in eng.generate(prompts, params)]
+    layers = eng.runner.model.model.layers
+    accs = [m.acc for layer in layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+    assert all(a is not None for a in accs), "the decode steps did not take the atomic path"
+    assert all(not a.any() for a in accs)
+    agree = sum(x == y for g, w in zip(got, want, strict=True) for x, y in zip(g, w, strict=True))
+    assert agree >= 0.9 * 24 * len(prompts)

@@ -69,6 +69,26 @@ def test_rmsnorm_matches_model(dtype, t, n) -> None:
         assert (y != ref_y2).float().mean() < 0.01
 
 
+def test_add_rmsnorm_consumes_a_float32_accumulator() -> None:
+    """``consume=True`` (the atomic split-K GEMV's output): ``x`` float32 is rounded to the residual's dtype
+    first, so the results equal the plain kernel's on that rounded ``x``, and ``x`` is left zeroed. (fp16,
+    the dtype of that GEMV; the interpreter truncates float32 -> bf16 casts where torch rounds.)"""
+    from lmkiln.kernels.fused import add_rmsnorm
+
+    dtype = torch.float16
+    norm = _norm(576, dtype)
+    acc, r = _rows(3, 576, torch.float32, 6), _rows(3, 576, dtype, 7)
+    want_y, want_h = add_rmsnorm(acc.to(dtype), r, norm.weight, norm.eps)
+    y, h = add_rmsnorm(acc, r, norm.weight, norm.eps, consume=True)
+    assert y.dtype == h.dtype == dtype
+    assert torch.equal(y, want_y) and torch.equal(h, want_h)
+    assert not acc.any()  # zeroed for the GEMV's next launch
+    with pytest.raises(KernelInputError, match="float32 split-K accumulator"):
+        add_rmsnorm(r, r, norm.weight, norm.eps, consume=True)
+    with pytest.raises(KernelInputError, match="float32 split-K accumulator"):
+        add_rmsnorm(torch.zeros(3, 600)[:, :576], r, norm.weight, norm.eps, consume=True)  # row-strided
+
+
 def test_rmsnorm_leading_dims_and_empty() -> None:
     from lmkiln.kernels.fused import add_rmsnorm, rmsnorm
 

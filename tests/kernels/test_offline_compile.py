@@ -39,14 +39,15 @@ if kind == "fma":  # M=1 fp16 gate/up with the SiLU epilogue, split-K 4, PDL wit
             "zp_ptr": "*u8", "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     ints = ["M", "N", "KW", "n_chunks", "stride_xm", "stride_ym", "SPLIT_K"]
     consts = {"GROUP": 128, "BLOCK_M": 1, "BLOCK_N": 64, "SUB": 4, "CPI": 2, "FLUSH": 1, "NUM_STAGES": 2,
-              "PACK_N_": 32, "F16ASM": True, "ACT": 1, "SPLIT_P2": 4, "PDL": True, "PF_ROWS": 16}
+              "PACK_N_": 32, "F16ASM": True, "ACT": 1, "SPLIT_P2": 4, "PDL": True, "PF_ROWS": 16,
+              "REDUCE": 0}
     sig = {**ptrs, **{k: "i32" for k in ints}, **{k: "constexpr" for k in consts}}
     options["enable_fp_fusion"] = False
-elif kind == "norm":  # add + RMSNorm, hidden 4096
+elif kind == "norm":  # add + RMSNorm, hidden 4096, consuming a float32 split-K accumulator
     fn, name = _rmsnorm_kernel, "_rmsnorm_kernel"
-    ptrs = {k: "*fp16" for k in ("x_ptr", "r_ptr", "w_ptr", "y_ptr", "ro_ptr")}
+    ptrs = {"x_ptr": "*fp32", **{k: "*fp16" for k in ("r_ptr", "w_ptr", "y_ptr", "ro_ptr")}}
     ints = {k: "i32" for k in ("stride_x", "stride_r", "stride_y", "stride_ro", "N")}
-    consts = {"HAS_RES": True, "BLOCK_N": 4096, "INTERP": False, "PDL": True}
+    consts = {"HAS_RES": True, "BLOCK_N": 4096, "INTERP": False, "PDL": True, "CONSUME": True}
     sig = {**ptrs, **ints, "inv_n": "fp32", "eps": "fp32", **{k: "constexpr" for k in consts}}
 elif kind == "rotary":
     fn, name = _rotary_kernel, "_rotary_kernel"

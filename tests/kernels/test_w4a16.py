@@ -92,6 +92,30 @@ def test_fma_matches_reference(make_packed, m, k, n, g, dtype, bm, bn, warps, sp
     assert int(scratch.abs().sum()) == 0
 
 
+@pytest.mark.parametrize(("m", "split"), [(1, 3), (5, 2)])
+def test_fma_atomic_reduce_adds_into_a_float32_output(make_packed, m, split):
+    """``reduce="atomic"``: every split-K program adds its partial into the caller's zeroed float32 ``out``
+    (no counters, no workspace); bad outputs and the SiLU epilogue are refused."""
+    w4a16 = _w4a16()
+    p = make_packed(384, 64, 64, seed=m)
+    x = torch.randn(m, 384).to(torch.float16)
+    cfg = w4a16.KernelConfig(kind="fma", block_m=4, block_n=32, num_warps=1, split_k=split, chunks=2, flush=1)
+    out = torch.zeros(m, 64)
+    scratch = w4a16.make_scratch("cpu", 64)
+    assert w4a16.fma(x, p["qweight"], p["sz"], p["zeros"], cfg, scratch, out=out, reduce="atomic") is out
+    assert _rel(out, w4a16_matmul_ref(x, p["qweight"], p["sz"])) < TOL[torch.float16]
+    ordered = w4a16.fma(x, p["qweight"], p["sz"], p["zeros"], cfg, scratch, out=torch.zeros(m, 64))
+    assert _rel(out, ordered) < 1e-6  # the same float32 partials, summed in another order
+    assert not scratch.any()
+    again = w4a16.fma(x, p["qweight"], p["sz"], p["zeros"], cfg, out=out, reduce="atomic")
+    assert _rel(again, 2 * ordered) < 1e-6  # it adds: the caller must zero `out` between launches
+    for bad in (None, torch.zeros(m, 64, dtype=torch.float16), torch.zeros(m, 32)):
+        with pytest.raises(QuantConfigError, match="zeroed float32"):
+            w4a16.fma(x, p["qweight"], p["sz"], p["zeros"], cfg, out=bad, reduce="atomic")
+    with pytest.raises(QuantConfigError, match="reduce="):
+        w4a16.fma(x, p["qweight"], p["sz"], p["zeros"], cfg, reduce="fast")
+
+
 def test_fma_f16x2_dequant_identities():
     """The bit tricks of ``_deq4_f16x2`` (emulated exactly in float64): nibbles (t, t+4) of a word OR-ed into
     ``0x64006400`` (t = 0, 2) or masked in place (t = 1, 3) give ``q - z`` after one packed sub / fma with the

@@ -32,6 +32,42 @@ def test_from_packed_errors(make_packed) -> None:
         Int4Linear(p["qweight"], p["sz"].float(), p["zeros"])
 
 
+def test_matmul_acc_is_the_plain_forward_off_cuda(make_packed) -> None:
+    """Only the CUDA decode GEMV leaves its output pending in the float32 accumulator."""
+    p = make_packed(256, 64, 64)
+    lin = Int4Linear(p["qweight"], p["sz"], p["zeros"])
+    x = torch.randn(2, 256).half()
+    y, pending = lin.matmul_acc(x)
+    assert not pending and torch.equal(y, lin(x)) and lin.acc is None
+
+
+@pytest.mark.gpu
+def test_matmul_acc_on_cuda(make_packed, monkeypatch) -> None:
+    """A batch-1 fp16 decode row: the float32 accumulator holds ``x @ W`` (as forward, up to the order of the
+    split-K sum) until add_rmsnorm consumes and zeroes it; more rows and LMKILN_ATOMIC_SPLITK=0 take the
+    plain path."""
+    from lmkiln.kernels.fused import add_rmsnorm
+
+    p = make_packed(4096, 4096, 128, device="cuda")
+    lin = Int4Linear(p["qweight"], p["sz"], p["zeros"]).cuda()
+    w = torch.ones(4096, device="cuda", dtype=torch.float16)
+    for _ in range(3):
+        x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+        y, pending = lin.matmul_acc(x)
+        assert pending and y.dtype == torch.float32 and y.data_ptr() == lin.acc.data_ptr()
+        want = lin(x)
+        assert float((y.half().double() - want.double()).norm() / want.double().norm()) < 1e-3
+        r = torch.randn_like(want)
+        _, got_h = add_rmsnorm(y, r, w, 1e-5, consume=True)
+        assert float((got_h.double() - (want + r).double()).norm() / (want + r).double().norm()) < 1e-3
+        assert not lin.acc.any()
+    for m in (2, 64):
+        y, pending = lin.matmul_acc(torch.randn(m, 4096, device="cuda", dtype=torch.float16))
+        assert not pending and y.dtype == torch.float16
+    monkeypatch.setenv("LMKILN_ATOMIC_SPLITK", "0")
+    assert not lin.matmul_acc(torch.randn(1, 4096, device="cuda", dtype=torch.float16))[1]
+
+
 @pytest.mark.gpu
 def test_cuda_forward_matches_reference(make_packed) -> None:
     p = make_packed(4096, 12288, 128, device="cuda")
