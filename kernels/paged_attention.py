@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 from lmkiln.kernels import pdl
+from lmkiln.kernels.fused import check_rotary, rotate_halves
 from lmkiln.kernels.kv_cache import check_cache, check_sink
 from lmkiln.kernels.pdl import interpreting
 
@@ -114,6 +115,18 @@ def _paged_attn_kernel(
     sink_ptr,
     sidx_ptr,
     cnt_ptr,
+    kn_ptr,
+    vn_ptr,
+    cos_ptr,
+    sin_ptr,
+    slot_ptr,
+    stride_knt,
+    stride_knh,
+    stride_vnt,
+    stride_vnh,
+    stride_ct,
+    stride_st,
+    num_slots,
     qk_scale,
     stride_qt,
     stride_qh,
@@ -137,6 +150,7 @@ def _paged_attn_kernel(
     HAS_SINK: tl.constexpr = False,
     PDL: tl.constexpr = False,
     MERGE: tl.constexpr = False,
+    NEW_KV: tl.constexpr = False,
 ):
     pdl.enter(PDL)
     b = tl.program_id(0)
@@ -183,8 +197,28 @@ def _paged_attn_kernel(
         e_hi = offs_d + DH
     qmask = row_ok[:, None] & dmask[None, :]
     q_rows = q_ptr + (q_start + qi).to(tl.int64)[:, None] * stride_qt + hq[:, None] * stride_qh
-    q_lo = tl.load(q_rows + e_lo[None, :], mask=qmask, other=0.0).to(CT)
-    q_hi = tl.load(q_rows + e_hi[None, :], mask=qmask, other=0.0).to(CT)
+    q_lo = tl.load(q_rows + e_lo[None, :], mask=qmask, other=0.0)
+    q_hi = tl.load(q_rows + e_hi[None, :], mask=qmask, other=0.0)
+    if NEW_KV:  # decode, fp16/bf16/fp32 cache: this step's K/V, with q, rotated here and not yet in the cache
+        p_new = seq_len - 1  # the new token's key position
+        cs = tl.arange(0, BLOCK_DH)
+        c1 = tl.load(cos_ptr + b * stride_ct + cs, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        c2 = tl.load(cos_ptr + b * stride_ct + DH + cs, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        s1 = tl.load(sin_ptr + b * stride_st + cs, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        s2 = tl.load(sin_ptr + b * stride_st + DH + cs, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        q_lo, q_hi = rotate_halves(q_lo, q_hi, c1, c2, s1, s2)
+        kn = kn_ptr + b.to(tl.int64) * stride_knt + hk * stride_knh + offs_d[None, :]
+        vn = vn_ptr + b.to(tl.int64) * stride_vnt + hk * stride_vnh + offs_d[None, :]
+        dm = dmask[None, :]
+        kn_lo, kn_hi = rotate_halves(
+            tl.load(kn, mask=dm, other=0.0), tl.load(kn + DH, mask=dm, other=0.0), c1, c2, s1, s2
+        )
+        CD: tl.constexpr = k_ptr.dtype.element_ty  # the cache's dtype: the new row as a cache read gives it
+        kn_lo, kn_hi = kn_lo.to(CD), kn_hi.to(CD)
+        vn_lo = tl.load(vn, mask=dm, other=0.0).to(CD)
+        vn_hi = tl.load(vn + DH, mask=dm, other=0.0).to(CD)
+    q_lo = q_lo.to(CT)
+    q_hi = q_hi.to(CT)
 
     if HAS_SINK:  # this sequence's sink rows (K: row 2e, V: 2e + 1); without one, zeros at key -1 (none)
         sink_key = tl.where(tl.load(sidx_ptr + b) >= 0, 0, -1)  # the key position the sink replaces
@@ -196,6 +230,16 @@ def _paged_attn_kernel(
         sv_row = sink_ptr + srow + Hk * 2 * DH
         sv_lo = tl.load(sv_row + e_lo, mask=smask, other=0.0).to(CT)
         sv_hi = tl.load(sv_row + e_hi, mask=smask, other=0.0).to(CT)
+
+    if NEW_KV:  # the split holding the new position stores the new row in the cache (as write_kv does)
+        slot = tl.load(slot_ptr + b + 0 * offs_d).to(tl.int64)[None, :]  # vectors: the interpreter mis-types
+        pv = (p_new + 0 * offs_d)[None, :]  # (scalar bool & bool tensor)
+        wm = dm & (slot >= 0) & (slot < num_slots) & (pv >= kv_lo) & (pv < kv_hi)
+        crow = (slot * Hk + hk) * (2 * DH) + offs_d[None, :]
+        tl.store(k_ptr + crow, kn_lo, mask=wm)
+        tl.store(k_ptr + crow + DH, kn_hi, mask=wm)
+        tl.store(v_ptr + crow, vn_lo, mask=wm)
+        tl.store(v_ptr + crow + DH, vn_hi, mask=wm)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -209,6 +253,14 @@ def _paged_attn_kernel(
         tv = tv & (blk >= 0)
         row = (blk.to(tl.int64) * PAGE + t % PAGE) * Hk + hk
         k_lo, k_hi = _load_kv(k_ptr, ksz_ptr, row, tv, offs_d, DH, BITS, CT)
+        if DECODE:  # V's loads in flight with K's (decode tiles are small)
+            v_lo, v_hi = _load_kv(v_ptr, vsz_ptr, row, tv, offs_d, DH, BITS, CT)
+        if NEW_KV:  # the new key is not read back from the cache (no ordering with the store above needed)
+            new = (t == p_new)[:, None]
+            k_lo = tl.where(new, kn_lo.to(CT), k_lo)
+            k_hi = tl.where(new, kn_hi.to(CT), k_hi)
+            v_lo = tl.where(new, vn_lo.to(CT), v_lo)
+            v_hi = tl.where(new, vn_hi.to(CT), v_hi)
         if HAS_SINK:  # noqa: SIM102 (a constexpr test, then a runtime one: Triton cannot fuse them)
             if start == 0:  # only the first tile holds key 0
                 use = (t == sink_key)[:, None]
@@ -221,7 +273,8 @@ def _paged_attn_kernel(
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_lo, v_hi = _load_kv(v_ptr, vsz_ptr, row, tv, offs_d, DH, BITS, CT)
+        if not DECODE:
+            v_lo, v_hi = _load_kv(v_ptr, vsz_ptr, row, tv, offs_d, DH, BITS, CT)
         if HAS_SINK:  # noqa: SIM102
             if start == 0:
                 use = (t == sink_key)[:, None]
@@ -443,6 +496,7 @@ def _launch(
     sink: torch.Tensor | None = None,
     sink_idx: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
+    new_kv: tuple[torch.Tensor, ...] | None = None,
 ) -> None:
     t, hq, d = q.shape
     hk = k_cache.shape[2]
@@ -456,6 +510,7 @@ def _launch(
         ws = ml = out
     f32 = q.dtype == torch.float32 or interpreting()
     on = pdl.enabled(q.device)
+    kn, vn, slots, cos, sin = new_kv if new_kv is not None else (q, q, seq_lens, q, q)  # else never read
     _paged_attn_kernel[(nseq, hk, n_tiles * splits)](
         q,
         k_cache,
@@ -471,6 +526,18 @@ def _launch(
         sink if sink is not None else k_cache,
         sink_idx if sink_idx is not None else seq_lens,
         counters if merge_in_kernel else seq_lens,
+        kn,
+        vn,
+        cos,
+        sin,
+        slots,
+        kn.stride(0),
+        kn.stride(1),
+        vn.stride(0),
+        vn.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        k_cache.shape[0] * k_cache.shape[1],
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -494,6 +561,7 @@ def _launch(
         HAS_SINK=sink is not None and sink_idx is not None,
         PDL=on,
         MERGE=merge_in_kernel,
+        NEW_KV=new_kv is not None,
         num_warps=num_warps,
         **pdl.launch_opts(on),
     )
@@ -530,6 +598,7 @@ def paged_decode(
     sink: torch.Tensor | None = None,
     sink_idx: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: ``q [B, Hq, D]`` (row ``b`` is sequence ``b``) over ``seq_lens[b]``
     cached tokens -> ``[B, Hq, D]`` in ``q.dtype``.
@@ -537,7 +606,13 @@ def paged_decode(
     No host synchronisation and a grid that depends only on shapes: capturable in a CUDA graph. Rows with
     ``seq_lens`` 0 give zeros. ``sink``/``sink_idx``: see ``paged_attention_ref`` (quantized caches).
     ``counters`` (from :func:`make_counters`, at least ``B * Hk``): the last split of each (sequence, KV
-    head) merges the partials itself, one launch instead of two; without it a merge kernel runs."""
+    head) merges the partials itself, one launch instead of two; without it a merge kernel runs.
+
+    ``new_kv = (k, v, slot_mapping, cos, sin)`` (an unquantized cache): this step's keys and values ``[B, Hk,
+    D]`` are not in the cache yet, and q and k have no rotary yet. The kernel applies the rotary to q and k
+    (as ``fused.rotary_``), stores k and v in ``slot_mapping``'s slots (as ``kv_cache.write_kv``; slots < 0
+    skipped) and attends with them at position ``seq_lens[b] - 1``: the same results as ``write_kv(...,
+    rope=(q, cos, sin))`` then this kernel, in one launch instead of two. q, k and v are not modified."""
     cfg = config or AttentionConfig()
     _, hk, d, g = _check(q, k_cache, v_cache, block_tables, seq_lens, k_sz, v_sz, bits)
     if q.shape[0] != block_tables.shape[0]:
@@ -558,6 +633,8 @@ def paged_decode(
     splits = max(1, min(splits, MAX_SPLITS))
     if counters is not None:
         _check_counters(counters, q.shape[0] * hk, q.device)
+    if new_kv is not None:
+        _check_new_kv(new_kv, q, k_cache, bits, sink)
     _launch(
         q,
         k_cache,
@@ -583,8 +660,40 @@ def paged_decode(
         sink,
         sink_idx,
         counters,
+        new_kv,
     )
     return out
+
+
+def _check_new_kv(
+    new_kv: tuple[torch.Tensor, ...],
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    bits: int,
+    sink: torch.Tensor | None,
+) -> None:
+    if len(new_kv) != 5:
+        raise KernelInputError("new_kv must be (k, v, slot_mapping, cos, sin)")
+    if bits or sink is not None:
+        raise KernelInputError(
+            "new_kv writes the new rows itself, unquantized: it needs a float cache (bits=0) and no sinks; "
+            "call kv_cache.write_kv first for quantized caches"
+        )
+    k, v, slots, cos, sin = new_kv
+    check_rotary(q, k, cos, sin)
+    want = (q.shape[0], k_cache.shape[2], q.shape[2])
+    for name, x in (("k", k), ("v", v)):
+        if tuple(x.shape) != want or x.dtype != q.dtype or x.stride(2) != 1:
+            raise KernelInputError(
+                f"new_kv's {name} must be {q.dtype} {list(want)} with a contiguous last dim, got {x.dtype} "
+                f"{list(x.shape)} strides {x.stride()}"
+            )
+    ok = slots.dtype in (torch.int32, torch.int64) and slots.device == q.device
+    if slots.shape != (q.shape[0],) or not ok:
+        raise KernelInputError(
+            f"new_kv's slot_mapping must be int32/int64 [{q.shape[0]}] on {q.device}, got {slots.dtype} "
+            f"{list(slots.shape)} on {slots.device}"
+        )
 
 
 def make_counters(device: torch.device | str, n: int = 1 << 15) -> torch.Tensor:

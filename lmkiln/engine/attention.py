@@ -61,7 +61,9 @@ class _Backend:
 
     ``rope = (cos, sin)`` (the model's fused path): q and k still need their rotary embedding, applied in
     place by the Triton kernels: inside the KV write where the backend can (``fuses_rope``, no cache
-    rotation, which must come after it), else by ``kernels.fused.rotary_`` first."""
+    rotation, which must come after it), else by ``kernels.fused.rotary_`` first. Where ``_writes_new_kv``
+    (the Triton backend's decode steps over an unquantized cache), the decode kernel itself applies the
+    rotary, stores the new K/V and attends: one launch."""
 
     name = ""
     fuses_rope = False
@@ -81,6 +83,8 @@ class _Backend:
         fused_rope = {}
         if rope is not None:
             if self.fuses_rope and rot is None:
+                if self._writes_new_kv(q, cache, meta):  # one launch: rotary, KV write and attention
+                    return self._attend(q, cache, meta, scale, new_kv=(k, v, meta.slot_mapping, *rope))
                 fused_rope = {"rope": (q, *rope)}
             else:
                 from lmkiln.kernels.fused import rotary_
@@ -108,9 +112,18 @@ class _Backend:
         return out if rot is None else out @ rot.T
 
     def _attend(
-        self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float
+        self,
+        q: torch.Tensor,
+        cache: LayerKVCache,
+        meta: AttentionMetadata,
+        scale: float,
+        new_kv: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def _writes_new_kv(self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> bool:
+        """Whether ``_attend(..., new_kv=...)`` rotates and stores the step's K/V (then no ``_write_kv``)."""
+        return False
 
 
 class TorchAttentionBackend(_Backend):
@@ -125,7 +138,12 @@ class TorchAttentionBackend(_Backend):
         self._ref = paged_attention_ref
 
     def _attend(
-        self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float
+        self,
+        q: torch.Tensor,
+        cache: LayerKVCache,
+        meta: AttentionMetadata,
+        scale: float,
+        new_kv: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         return self._ref(
             q,
@@ -174,11 +192,24 @@ class TritonAttentionBackend(_Backend):
             counters = self._counters[q.device] = self._make_counters(q.device)
         return counters if counters.numel() >= q.shape[0] * cache.k.shape[2] else None
 
+    def _writes_new_kv(self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> bool:
+        """Decode steps over an unquantized cache: the decode kernel takes this step's K/V (``new_kv``)."""
+        return cache.bits == 0 and self._is_decode(q, meta)
+
+    @staticmethod
+    def _is_decode(q: torch.Tensor, meta: AttentionMetadata) -> bool:
+        return meta.is_decode_only and q.shape[0] == meta.num_seqs
+
     def _attend(
-        self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float
+        self,
+        q: torch.Tensor,
+        cache: LayerKVCache,
+        meta: AttentionMetadata,
+        scale: float,
+        new_kv: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         sink, sink_idx = _sinks(cache, meta)
-        if meta.is_decode_only and q.shape[0] == meta.num_seqs:
+        if self._is_decode(q, meta):
             return self._decode(
                 q,
                 cache.k,
@@ -192,6 +223,7 @@ class TritonAttentionBackend(_Backend):
                 sink=sink,
                 sink_idx=sink_idx,
                 counters=self._split_counters(q, cache),
+                new_kv=new_kv,  # type: ignore[arg-type]
             )
         return self._prefill(
             q,

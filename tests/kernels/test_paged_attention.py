@@ -367,14 +367,14 @@ def test_launchers_reject_bad_inputs() -> None:
         write_kv(q[:, :2], q[:, :2], c.k, c.v, torch.tensor([0.0, 1.0]), c.k_sz, c.v_sz, 4)
 
 
-@pytest.mark.parametrize(("quant_policy", "fused"), [(4, "0"), (8, "1")])
+@pytest.mark.parametrize(("quant_policy", "fused"), [(4, "0"), (8, "1"), (0, "1")])
 def test_triton_backend_runs_the_engine_like_the_torch_backend(
     tiny_llama_dir, monkeypatch, quant_policy, fused
 ) -> None:
     """Greedy tokens and logprobs of the tiny Llama (GQA 4/2) with the Triton backend (int4 / int8 cache with
     attention sinks, padded decode buffers as the CUDA-graph path uses) equal the torch backend's. With the
     fused ops (``LMKILN_FUSED=1``) the rotary runs inside the KV write and the decode kernel merges its own
-    splits."""
+    splits; over an unquantized cache the decode kernel also rotates and stores the step's K/V itself."""
     from lmkiln.engine import LLMEngine, SamplingParams
     from lmkiln.engine.attention import TritonAttentionBackend
 
@@ -394,8 +394,13 @@ def test_triton_backend_runs_the_engine_like_the_torch_backend(
     eng = LLMEngine.from_pretrained(tiny_llama_dir, **kw)
     assert isinstance(eng.runner.backend, TritonAttentionBackend)
     eng.runner.enable_decode_graphs(capture=False)
+    backend, new_kv = eng.runner.backend, []
+    decode = backend._decode
+    backend._decode = lambda *a, **k: new_kv.append(k.get("new_kv") is not None) or decode(*a, **k)
     got = eng.generate(prompts, p)
-    assert eng.scheduler.sinks.num_hits == 1 and eng.runner.kv_cache[1].sink[:2].abs().sum() > 0
+    assert new_kv and all(new_kv) == (quant_policy == 0 and fused == "1") and any(new_kv) == all(new_kv)
+    if quant_policy:
+        assert eng.scheduler.sinks.num_hits == 1 and eng.runner.kv_cache[1].sink[:2].abs().sum() > 0
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     for a, b in zip(got, want, strict=True):
         assert [x.logprob for x in a.logprobs] == pytest.approx([x.logprob for x in b.logprobs], abs=1e-4)
@@ -415,3 +420,58 @@ def test_make_attention_backend(monkeypatch) -> None:
     monkeypatch.setenv("LMKILN_ATTENTION", "flash")
     with pytest.raises(EngineConfigError, match="LMKILN_ATTENTION"):
         make_attention_backend("cpu")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "hq", "hk", "d", "page", "splits"),
+    [
+        (torch.float32, 4, 4, 64, 16, 1),
+        (torch.float16, 6, 2, 32, 16, 3),
+        (torch.bfloat16, 8, 2, 32, 64, 2),
+        (torch.float16, 4, 1, 128, 16, 4),
+    ],
+)
+def test_decode_with_new_kv_equals_rotary_write_then_decode(dtype, hq, hk, d, page, splits) -> None:
+    """``paged_decode(..., new_kv=(k, v, slots, cos, sin))`` (the decode step without a KV-write launch):
+    the output and the cache are bit-identical to ``write_kv(k, v, ..., rope=(q, cos, sin))`` then
+    ``paged_decode``, although the new rows hold NaN before (the kernel must not read them back); the pad row
+    (slot -1) writes nothing; q, k and v are left as they were."""
+    from lmkiln.kernels.kv_cache import write_kv
+    from lmkiln.kernels.paged_attention import AttentionConfig, make_counters, paged_decode
+
+    shapes = [(0, 1), (16, 1), (68, 1), (129, 1)]
+    c, q, bt, _, lens, _ = _batch(shapes, 0, dtype, hq, hk, d, page, seed=hq + d + 1, pad_rows=1)
+    b = q.shape[0]
+    pos = (lens.long() - 1).clamp_min(0)
+    slots = torch.where(lens > 0, bt[torch.arange(b), pos // page].long() * page + pos % page, -1)
+    c.k.view(-1, hk, d)[slots[:4]] = float("nan")  # this step's rows are not written yet
+    c.v.view(-1, hk, d)[slots[:4]] = float("nan")
+    g = torch.Generator().manual_seed(d)
+    k = torch.randn(b, hk, d, generator=g).to(dtype)
+    v = torch.randn(b, hk, d, generator=g).to(dtype)
+    freq = 10000.0 ** (-torch.arange(d // 2).float() / (d // 2))
+    ang = pos.float()[:, None] * freq
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+    cfg = AttentionConfig(num_splits=splits)
+    caches, outs = [], []
+    for fused in (False, True):
+        kc, vc = c.k.clone(), c.v.clone()
+        qx, kx, vx = q.clone(), k.clone(), v.clone()
+        args = (kc, vc, bt, lens, d**-0.5, None, None, 0, cfg)
+        if fused:
+            out = paged_decode(qx, *args, counters=make_counters("cpu", 64), new_kv=(kx, vx, slots, cos, sin))
+            assert torch.equal(qx, q) and torch.equal(kx, k) and torch.equal(vx, v)
+        else:
+            write_kv(kx, vx, kc, vc, slots, rope=(qx, cos, sin))
+            out = paged_decode(qx, *args)
+        caches.append((kc, vc))
+        outs.append(out)
+    assert torch.isfinite(outs[1][:4]).all()
+    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+    for want, got in zip(caches[0], caches[1], strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=True)
+    with pytest.raises(KernelInputError, match="float cache"):
+        q8 = _layer(8, dtype, 4, page, hk, d)
+        paged_decode(q, q8.k, q8.v, bt, lens, 1.0, q8.k_sz, q8.v_sz, 8, new_kv=(k, v, slots, cos, sin))
+    with pytest.raises(KernelInputError, match="new_kv's v"):
+        paged_decode(q, c.k, c.v, bt, lens, 1.0, new_kv=(k, v.double(), slots, cos, sin))

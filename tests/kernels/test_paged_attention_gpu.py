@@ -252,3 +252,45 @@ def test_decode_step_in_a_cuda_graph(bits) -> None:
             bits,
         )
         assert _rel(got[:real], ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "hq", "hk", "splits"), [(torch.float16, 32, 32, 0), (torch.bfloat16, 32, 8, 3)]
+)
+def test_decode_with_new_kv_on_gpu(dtype, hq, hk, splits) -> None:
+    """The decode kernel that rotates and stores the step's K/V itself (``new_kv``) is bit-identical to
+    ``write_kv(..., rope=...)`` then ``paged_decode``, output and cache, at 7B-like head shapes with the
+    in-kernel split merge; the new rows hold NaN before (never read back)."""
+    from lmkiln.kernels.kv_cache import write_kv
+    from lmkiln.kernels.paged_attention import AttentionConfig, make_counters, paged_decode
+
+    d, page = 128, 64
+    shapes = [(0, 1), (130, 1), (700, 1), (63, 1)]
+    c, q, bt, _, lens, _ = _batch(shapes, 0, dtype, hq, hk, d, page, seed=hk, pad_rows=1)
+    b = q.shape[0]
+    pos = (lens.long() - 1).clamp_min(0)
+    rows = torch.arange(b, device=DEV)
+    slots = torch.where(lens > 0, bt[rows, pos // page].long() * page + pos % page, -1)
+    c.k.view(-1, hk, d)[slots[:4]] = float("nan")
+    c.v.view(-1, hk, d)[slots[:4]] = float("nan")
+    g = torch.Generator(device=DEV).manual_seed(1)
+    k = torch.randn(b, hk, d, device=DEV, generator=g).to(dtype)
+    v = torch.randn(b, hk, d, device=DEV, generator=g).to(dtype)
+    ang = pos.float()[:, None] * 10000.0 ** (-torch.arange(d // 2, device=DEV).float() / (d // 2))
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+    cfg = AttentionConfig(num_splits=splits)
+    results = []
+    for fused in (False, True):
+        kc, vc = c.k.clone(), c.v.clone()
+        qx, kx, vx = q.clone(), k.clone(), v.clone()
+        args = (kc, vc, bt, lens, d**-0.5, None, None, 0, cfg)
+        counters = make_counters(DEV, 256)
+        if fused:
+            out = paged_decode(qx, *args, counters=counters, new_kv=(kx, vx, slots, cos, sin))
+        else:
+            write_kv(kx, vx, kc, vc, slots, rope=(qx, cos, sin))
+            out = paged_decode(qx, *args, counters=counters)
+        results.append((out, kc, vc))
+    assert torch.isfinite(results[1][0][:4]).all()
+    for want, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=True)
