@@ -62,8 +62,8 @@ class _Backend:
     ``rope = (cos, sin)`` (the model's fused path): q and k still need their rotary embedding, applied in
     place by the Triton kernels: inside the KV write where the backend can (``fuses_rope``, no cache
     rotation, which must come after it), else by ``kernels.fused.rotary_`` first. Where ``_writes_new_kv``
-    (the Triton backend's decode steps over an unquantized cache), the decode kernel itself applies the
-    rotary, stores the new K/V and attends: one launch."""
+    (the Triton backend's batch-1 decode steps over an unquantized cache), the decode kernel itself applies
+    the rotary, stores the new K/V and attends: one launch."""
 
     name = ""
     fuses_rope = False
@@ -193,8 +193,10 @@ class TritonAttentionBackend(_Backend):
         return counters if counters.numel() >= q.shape[0] * cache.k.shape[2] else None
 
     def _writes_new_kv(self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> bool:
-        """Decode steps over an unquantized cache: the decode kernel takes this step's K/V (``new_kv``)."""
-        return cache.bits == 0 and self._is_decode(q, meta)
+        """Batch-1 decode steps over an unquantized cache: the decode kernel takes this step's K/V
+        (``new_kv``). H100, 7B int4 (notes/engine.md, session 7): batch 1 2.262 -> 2.225 ms a step, but
+        batch 4 3.51 -> 3.60 ms, so larger batches keep the KV-write launch."""
+        return cache.bits == 0 and q.shape[0] == 1 and self._is_decode(q, meta)
 
     @staticmethod
     def _is_decode(q: torch.Tensor, meta: AttentionMetadata) -> bool:

@@ -374,7 +374,7 @@ def test_triton_backend_runs_the_engine_like_the_torch_backend(
     """Greedy tokens and logprobs of the tiny Llama (GQA 4/2) with the Triton backend (int4 / int8 cache with
     attention sinks, padded decode buffers as the CUDA-graph path uses) equal the torch backend's. With the
     fused ops (``LMKILN_FUSED=1``) the rotary runs inside the KV write and the decode kernel merges its own
-    splits; over an unquantized cache the decode kernel also rotates and stores the step's K/V itself."""
+    splits; at batch 1 over an unquantized cache the decode kernel also rotates and stores the step's K/V."""
     from lmkiln.engine import LLMEngine, SamplingParams
     from lmkiln.engine.attention import TritonAttentionBackend
 
@@ -388,7 +388,8 @@ def test_triton_backend_runs_the_engine_like_the_torch_backend(
         quant_policy=quant_policy,
         kv_sink_entries=4,
     )
-    want = LLMEngine.from_pretrained(tiny_llama_dir, **kw).generate(prompts, p)
+    ref = LLMEngine.from_pretrained(tiny_llama_dir, **kw)
+    want = ref.generate(prompts, p)
     monkeypatch.setenv("LMKILN_ATTENTION", "triton")
     monkeypatch.setenv("LMKILN_FUSED", fused)
     eng = LLMEngine.from_pretrained(tiny_llama_dir, **kw)
@@ -398,7 +399,11 @@ def test_triton_backend_runs_the_engine_like_the_torch_backend(
     decode = backend._decode
     backend._decode = lambda *a, **k: new_kv.append(k.get("new_kv") is not None) or decode(*a, **k)
     got = eng.generate(prompts, p)
-    assert new_kv and all(new_kv) == (quant_policy == 0 and fused == "1") and any(new_kv) == all(new_kv)
+    assert new_kv and not any(new_kv)  # batches of 3 keep the KV-write launch
+    if quant_policy == 0 and fused == "1":  # batch 1: the decode kernel writes the step's K/V itself
+        new_kv.clear()
+        assert eng.generate(prompts[:1], p)[0].token_ids == ref.generate(prompts[:1], p)[0].token_ids
+        assert new_kv and all(new_kv)
     if quant_policy:
         assert eng.scheduler.sinks.num_hits == 1 and eng.runner.kv_cache[1].sink[:2].abs().sum() > 0
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
