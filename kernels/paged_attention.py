@@ -563,6 +563,8 @@ def _launch(
         MERGE=merge_in_kernel,
         NEW_KV=new_kv is not None,
         num_warps=num_warps,
+        # no FMA contraction where the kernel rotates the new K: rounded as write_kv's rotary (bit-identical)
+        **({"enable_fp_fusion": False} if new_kv is not None and not interpreting() else {}),
         **pdl.launch_opts(on),
     )
     if splits > 1 and not merge_in_kernel:

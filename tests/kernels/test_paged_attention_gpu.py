@@ -260,8 +260,8 @@ def test_decode_step_in_a_cuda_graph(bits) -> None:
 def test_decode_with_new_kv_on_gpu(dtype, hq, hk, splits) -> None:
     """The decode kernel that rotates and stores the step's K/V itself (``new_kv``) against
     ``write_kv(..., rope=...)`` then ``paged_decode`` at 7B-like head shapes with the in-kernel split merge:
-    the cache bit-identical, the output equal up to the tensor cores' summation order (the substituted K/V
-    tile may take another MMA path); the new rows hold NaN before (never read back)."""
+    the cache bit-identical (FMA contraction off, as in write_kv), the output equal up to rounding (that
+    launch option also changes the softmax's arithmetic); the new rows hold NaN before (never read back)."""
     from lmkiln.kernels.kv_cache import write_kv
     from lmkiln.kernels.paged_attention import AttentionConfig, make_counters, paged_decode
 
@@ -293,7 +293,7 @@ def test_decode_with_new_kv_on_gpu(dtype, hq, hk, splits) -> None:
             out = paged_decode(qx, *args, counters=counters)
         results.append((out, kc, vc))
     (want, *want_cache), (got, *got_cache) = results
-    assert torch.isfinite(got[:4]).all() and not got[4].any()
-    torch.testing.assert_close(got, want, atol=2e-3 if dtype == torch.float16 else 1.6e-2, rtol=0)
     for a, b in zip(got_cache, want_cache, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
+    assert not got[4].any()
+    assert _rel(got[:4], want[:4]) < (1e-3 if dtype == torch.float16 else 8e-3)
