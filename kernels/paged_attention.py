@@ -151,8 +151,10 @@ def _paged_attn_kernel(
     PDL: tl.constexpr = False,
     MERGE: tl.constexpr = False,
     NEW_KV: tl.constexpr = False,
+    CONSUME: tl.constexpr = False,
 ):
     pdl.enter(PDL)
+    AT: tl.constexpr = o_ptr.dtype.element_ty  # the activations' dtype (q's, unless CONSUME)
     b = tl.program_id(0)
     hk = tl.program_id(1)
     if SPLITS > 1:
@@ -197,8 +199,9 @@ def _paged_attn_kernel(
         e_hi = offs_d + DH
     qmask = row_ok[:, None] & dmask[None, :]
     q_rows = q_ptr + (q_start + qi).to(tl.int64)[:, None] * stride_qt + hq[:, None] * stride_qh
-    q_lo = tl.load(q_rows + e_lo[None, :], mask=qmask, other=0.0)
-    q_hi = tl.load(q_rows + e_hi[None, :], mask=qmask, other=0.0)
+    # CONSUME: q, k, v are float32 split-K accumulators, rounded here as the GEMM's output would be
+    q_lo = tl.load(q_rows + e_lo[None, :], mask=qmask, other=0.0).to(AT)
+    q_hi = tl.load(q_rows + e_hi[None, :], mask=qmask, other=0.0).to(AT)
     if NEW_KV:  # decode, fp16/bf16/fp32 cache: this step's K/V, with q, rotated here and not yet in the cache
         p_new = seq_len - 1  # the new token's key position
         cs = tl.arange(0, BLOCK_DH)
@@ -210,13 +213,13 @@ def _paged_attn_kernel(
         kn = kn_ptr + b.to(tl.int64) * stride_knt + hk * stride_knh + offs_d[None, :]
         vn = vn_ptr + b.to(tl.int64) * stride_vnt + hk * stride_vnh + offs_d[None, :]
         dm = dmask[None, :]
-        kn_lo, kn_hi = rotate_halves(
-            tl.load(kn, mask=dm, other=0.0), tl.load(kn + DH, mask=dm, other=0.0), c1, c2, s1, s2
-        )
+        k1 = tl.load(kn, mask=dm, other=0.0).to(AT)
+        k2 = tl.load(kn + DH, mask=dm, other=0.0).to(AT)
+        kn_lo, kn_hi = rotate_halves(k1, k2, c1, c2, s1, s2)
         CD: tl.constexpr = k_ptr.dtype.element_ty  # the cache's dtype: the new row as a cache read gives it
         kn_lo, kn_hi = kn_lo.to(CD), kn_hi.to(CD)
-        vn_lo = tl.load(vn, mask=dm, other=0.0).to(CD)
-        vn_hi = tl.load(vn + DH, mask=dm, other=0.0).to(CD)
+        vn_lo = tl.load(vn, mask=dm, other=0.0).to(AT).to(CD)
+        vn_hi = tl.load(vn + DH, mask=dm, other=0.0).to(AT).to(CD)
     q_lo = q_lo.to(CT)
     q_hi = q_hi.to(CT)
 
@@ -323,12 +326,30 @@ def _paged_attn_kernel(
                 o_rows = o_ptr + t_row[:, None] * stride_ot + hq[:, None] * stride_oh
                 tl.store(o_rows + e_lo[None, :], (acc_lo / den).to(o_ptr.dtype.element_ty), mask=qmask)
                 tl.store(o_rows + e_hi[None, :], (acc_hi / den).to(o_ptr.dtype.element_ty), mask=qmask)
+                if CONSUME:  # every split has read q, k and v (the counter): zero them for the GEMM
+                    _zero_qkv(q_rows, e_lo, e_hi, qmask, kn, vn, dm, DH)
                 tl.atomic_xchg(cnt_ptr + b * Hk + hk, 0)
     else:
         inv = (1.0 / tl.where(l_i > 0.0, l_i, 1.0))[:, None]  # no key (padded row): acc is 0, out 0
         o_rows = o_ptr + t_row[:, None] * stride_ot + hq[:, None] * stride_oh
         tl.store(o_rows + e_lo[None, :], (acc_lo * inv).to(o_ptr.dtype.element_ty), mask=qmask)
         tl.store(o_rows + e_hi[None, :], (acc_hi * inv).to(o_ptr.dtype.element_ty), mask=qmask)
+        if CONSUME:  # the one program of (b, hk) has read q, k and v: zero them for the GEMM
+            tl.debug_barrier()
+            _zero_qkv(q_rows, e_lo, e_hi, qmask, kn, vn, dm, DH)
+
+
+@triton.jit
+def _zero_qkv(q_rows, e_lo, e_hi, qmask, kn, vn, dm, DH):
+    """Zero a consumed split-K accumulator's q rows, new k and new v of one (sequence, KV head)."""
+    zq = tl.zeros(qmask.shape, tl.float32)
+    tl.store(q_rows + e_lo[None, :], zq, mask=qmask)
+    tl.store(q_rows + e_hi[None, :], zq, mask=qmask)
+    zk = tl.zeros(dm.shape, tl.float32)
+    tl.store(kn, zk, mask=dm)
+    tl.store(kn + DH, zk, mask=dm)
+    tl.store(vn, zk, mask=dm)
+    tl.store(vn + DH, zk, mask=dm)
 
 
 @triton.jit
@@ -462,12 +483,13 @@ def _check_sink(
     return sink, sink_idx
 
 
-def _out(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+def _out(q: torch.Tensor, out: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    dtype = dtype or q.dtype
     if out is None:
-        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1 or out.device != q.device:
+        return torch.empty(q.shape, dtype=dtype, device=q.device)
+    if out.shape != q.shape or out.dtype != dtype or out.stride(2) != 1 or out.device != q.device:
         raise KernelInputError(
-            f"out must be {q.dtype} {list(q.shape)} on {q.device} with a contiguous last dim, got "
+            f"out must be {dtype} {list(q.shape)} on {q.device} with a contiguous last dim, got "
             f"{out.dtype} {list(out.shape)} on {out.device}"
         )
     return out
@@ -497,6 +519,7 @@ def _launch(
     sink_idx: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
     new_kv: tuple[torch.Tensor, ...] | None = None,
+    consume: bool = False,
 ) -> None:
     t, hq, d = q.shape
     hk = k_cache.shape[2]
@@ -508,7 +531,7 @@ def _launch(
         ml = torch.empty((t, hq, splits, 2), dtype=torch.float32, device=q.device)
     else:
         ws = ml = out
-    f32 = q.dtype == torch.float32 or interpreting()
+    f32 = out.dtype == torch.float32 or interpreting()  # out: the activations' dtype (q's unless consume)
     on = pdl.enabled(q.device)
     kn, vn, slots, cos, sin = new_kv if new_kv is not None else (q, q, seq_lens, q, q)  # else never read
     _paged_attn_kernel[(nseq, hk, n_tiles * splits)](
@@ -555,13 +578,14 @@ def _launch(
         BITS=bits,
         SPLITS=splits,
         DECODE=decode,
-        CT=tl.float32 if f32 else (tl.float16 if q.dtype == torch.float16 else tl.bfloat16),
+        CT=tl.float32 if f32 else (tl.float16 if out.dtype == torch.float16 else tl.bfloat16),
         F32=f32,
         NUM_STAGES=num_stages,
         HAS_SINK=sink is not None and sink_idx is not None,
         PDL=on,
         MERGE=merge_in_kernel,
         NEW_KV=new_kv is not None,
+        CONSUME=consume,
         num_warps=num_warps,
         # no FMA contraction where the kernel rotates the new K: rounded as write_kv's rotary (bit-identical)
         **({"enable_fp_fusion": False} if new_kv is not None and not interpreting() else {}),
@@ -601,9 +625,10 @@ def paged_decode(
     sink_idx: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    consume: bool = False,
 ) -> torch.Tensor:
     """One query token per sequence: ``q [B, Hq, D]`` (row ``b`` is sequence ``b``) over ``seq_lens[b]``
-    cached tokens -> ``[B, Hq, D]`` in ``q.dtype``.
+    cached tokens -> ``[B, Hq, D]`` in ``q.dtype`` (with ``consume``, in ``cos``'s).
 
     No host synchronisation and a grid that depends only on shapes: capturable in a CUDA graph. Rows with
     ``seq_lens`` 0 give zeros. ``sink``/``sink_idx``: see ``paged_attention_ref`` (quantized caches).
@@ -614,7 +639,12 @@ def paged_decode(
     D]`` are not in the cache yet, and q and k have no rotary yet. The kernel applies the rotary to q and k
     (as ``fused.rotary_``), stores k and v in ``slot_mapping``'s slots (as ``kv_cache.write_kv``; slots < 0
     skipped) and attends with them at position ``seq_lens[b] - 1``: the same results as ``write_kv(...,
-    rope=(q, cos, sin))`` then this kernel, in one launch instead of two. q, k and v are not modified."""
+    rope=(q, cos, sin))`` then this kernel, in one launch instead of two. q, k and v are not modified.
+
+    ``consume`` (with ``new_kv``): q, k and v are views of a float32 split-K accumulator
+    (``Int4Linear.matmul_acc`` of the fused qkv projection): they are rounded to ``cos``'s dtype first, as
+    the GEMM's own output would be, and zeroed for the GEMM's next launch by the last program of each
+    (sequence, KV head) to read them (so ``counters`` are needed when the keys are split)."""
     cfg = config or AttentionConfig()
     _, hk, d, g = _check(q, k_cache, v_cache, block_tables, seq_lens, k_sz, v_sz, bits)
     if q.shape[0] != block_tables.shape[0]:
@@ -623,7 +653,9 @@ def paged_decode(
             "sequences"
         )
     sink, sink_idx = _check_sink(sink, sink_idx, bits, hk, d, q, block_tables.shape[0])
-    out = _out(q, out)
+    if consume and new_kv is None:
+        raise KernelInputError("consume=True reads this step's q, k and v from an accumulator: pass new_kv")
+    out = _out(q, out, new_kv[3].dtype if consume and new_kv is not None else None)
     if q.shape[0] == 0:
         return out
     block_m = cfg.block_m or max(16, triton.next_power_of_2(g))
@@ -636,7 +668,12 @@ def paged_decode(
     if counters is not None:
         _check_counters(counters, q.shape[0] * hk, q.device)
     if new_kv is not None:
-        _check_new_kv(new_kv, q, k_cache, bits, sink)
+        _check_new_kv(new_kv, q, k_cache, bits, sink, consume)
+    if consume and splits > 1 and counters is None:
+        raise KernelInputError(
+            f"consume=True with {splits} key splits needs the split counters (make_counters): the last split "
+            "zeroes the accumulator"
+        )
     _launch(
         q,
         k_cache,
@@ -663,6 +700,7 @@ def paged_decode(
         sink_idx,
         counters,
         new_kv,
+        consume,
     )
     return out
 
@@ -673,6 +711,7 @@ def _check_new_kv(
     k_cache: torch.Tensor,
     bits: int,
     sink: torch.Tensor | None,
+    consume: bool,
 ) -> None:
     if len(new_kv) != 5:
         raise KernelInputError("new_kv must be (k, v, slot_mapping, cos, sin)")
@@ -682,7 +721,21 @@ def _check_new_kv(
             "call kv_cache.write_kv first for quantized caches"
         )
     k, v, slots, cos, sin = new_kv
-    check_rotary(q, k, cos, sin)
+    if consume:  # float32 accumulator views; cos / sin in the activations' dtype
+        if q.dtype != torch.float32 or cos.dtype not in (torch.float16, torch.bfloat16):
+            raise KernelInputError(
+                f"consume=True takes float32 q, k, v (a split-K accumulator) and fp16/bf16 cos/sin, got q "
+                f"{q.dtype}, cos {cos.dtype}"
+            )
+        t, d = q.shape[0], q.shape[2]
+        for name, x in (("cos", cos), ("sin", sin)):
+            if tuple(x.shape) != (t, d) or x.dtype != cos.dtype or x.stride(1) != 1 or x.device != q.device:
+                raise KernelInputError(
+                    f"{name} must be {cos.dtype} [tokens, head_dim] = [{t}, {d}] on {q.device} with a "
+                    f"contiguous last dim, got {x.dtype} {list(x.shape)} on {x.device}"
+                )
+    else:
+        check_rotary(q, k, cos, sin)
     want = (q.shape[0], k_cache.shape[2], q.shape[2])
     for name, x in (("k", k), ("v", v)):
         if tuple(x.shape) != want or x.dtype != q.dtype or x.stride(2) != 1:

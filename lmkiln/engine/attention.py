@@ -78,13 +78,19 @@ class _Backend:
         meta: AttentionMetadata,
         scale: float,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        pending: bool = False,
     ) -> torch.Tensor:
+        """Attention output ``[T, Hq, D]``. ``pending``: q, k, v are views of a float32 split-K accumulator
+        (only where :meth:`takes_pending_qkv` said so), which the decode kernel rounds, reads and zeroes."""
         rot = cache.rotation
         fused_rope = {}
+        if pending and (rope is None or not self.takes_pending_qkv(cache, meta, q.shape[0])):
+            raise RuntimeError("a pending qkv accumulator reached a path that cannot consume it (engine bug)")
         if rope is not None:
             if self.fuses_rope and rot is None:
                 if self._writes_new_kv(q, cache, meta):  # one launch: rotary, KV write and attention
-                    return self._attend(q, cache, meta, scale, new_kv=(k, v, meta.slot_mapping, *rope))
+                    new_kv = (k, v, meta.slot_mapping, *rope)
+                    return self._attend(q, cache, meta, scale, new_kv=new_kv, consume=pending)
                 fused_rope = {"rope": (q, *rope)}
             else:
                 from lmkiln.kernels.fused import rotary_
@@ -118,11 +124,17 @@ class _Backend:
         meta: AttentionMetadata,
         scale: float,
         new_kv: tuple[torch.Tensor, ...] | None = None,
+        consume: bool = False,
     ) -> torch.Tensor:
         raise NotImplementedError
 
     def _writes_new_kv(self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> bool:
         """Whether ``_attend(..., new_kv=...)`` rotates and stores the step's K/V (then no ``_write_kv``)."""
+        return False
+
+    def takes_pending_qkv(self, cache: LayerKVCache, meta: AttentionMetadata, num_tokens: int) -> bool:
+        """Whether this step's q, k, v may come as a pending float32 split-K accumulator
+        (``Int4Linear.matmul_acc``), asked by the model before its qkv GEMM."""
         return False
 
 
@@ -144,6 +156,7 @@ class TorchAttentionBackend(_Backend):
         meta: AttentionMetadata,
         scale: float,
         new_kv: tuple[torch.Tensor, ...] | None = None,
+        consume: bool = False,
     ) -> torch.Tensor:
         return self._ref(
             q,
@@ -198,6 +211,16 @@ class TritonAttentionBackend(_Backend):
         batch 4 3.51 -> 3.60 ms, so larger batches keep the KV-write launch."""
         return cache.bits == 0 and q.shape[0] == 1 and self._is_decode(q, meta)
 
+    def takes_pending_qkv(self, cache: LayerKVCache, meta: AttentionMetadata, num_tokens: int) -> bool:
+        """Where :meth:`_writes_new_kv` (the decode kernel then rounds, reads and zeroes the accumulator)."""
+        return (
+            cache.bits == 0
+            and cache.rotation is None
+            and num_tokens == 1
+            and meta.is_decode_only
+            and meta.num_seqs == 1
+        )
+
     @staticmethod
     def _is_decode(q: torch.Tensor, meta: AttentionMetadata) -> bool:
         return meta.is_decode_only and q.shape[0] == meta.num_seqs
@@ -209,6 +232,7 @@ class TritonAttentionBackend(_Backend):
         meta: AttentionMetadata,
         scale: float,
         new_kv: tuple[torch.Tensor, ...] | None = None,
+        consume: bool = False,
     ) -> torch.Tensor:
         sink, sink_idx = _sinks(cache, meta)
         if self._is_decode(q, meta):
@@ -226,6 +250,7 @@ class TritonAttentionBackend(_Backend):
                 sink_idx=sink_idx,
                 counters=self._split_counters(q, cache),
                 new_kv=new_kv,  # type: ignore[arg-type]
+                consume=consume,
             )
         return self._prefill(
             q,

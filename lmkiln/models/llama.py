@@ -82,7 +82,8 @@ def project(linear: nn.Module, x: torch.Tensor, fused: bool) -> tuple[torch.Tens
     """``(linear(x), pending)``. In the fused path an int4 decode GEMV may leave its output pending in the
     layer's float32 split-K accumulator (``Int4Linear.matmul_acc``): the next RMSNorm must then consume it
     (``consume=True`` reads and zeroes it). Used for ``o_proj`` and ``down_proj``, whose consumer is the
-    residual add + RMSNorm."""
+    residual add + RMSNorm, and at batch 1 for the fused ``qkv_proj``, whose consumer is the decode attention
+    kernel (``backend.takes_pending_qkv``)."""
     if fused and hasattr(linear, "matmul_acc"):
         return linear.matmul_acc(x)
     return linear(x), False
@@ -142,12 +143,17 @@ class Attention(nn.Module):
         """``x [T, hidden]`` (new tokens of several sequences), ``cos``/``sin`` ``[T, head_dim]``; returns
         ``o_proj``'s output and whether it is pending (:func:`project`)."""
         t = x.shape[0]
-        q, k, v = self.qkv(x)
+        pending = False  # q, k, v pending in the int4 qkv GEMV's float32 accumulator (see `project`)
+        if fused and self.qkv_proj is not None and backend.takes_pending_qkv(cache, meta, t):
+            qkv, pending = project(self.qkv_proj, x, fused)
+            q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.qkv(x)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if fused:  # the backend rotates the (strided) q/k views in place; its kernels take a strided v
-            out = backend.forward(q, k, v, cache, meta, self.head_dim**-0.5, rope=(cos, sin))
+            out = backend.forward(q, k, v, cache, meta, self.head_dim**-0.5, rope=(cos, sin), pending=pending)
             return project(self.o_proj, out.reshape(t, -1), fused)
         v = v.contiguous()  # a strided slice when fused
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)

@@ -46,7 +46,7 @@ class PadSkippingBackend(TorchAttentionBackend):
     def __init__(self) -> None:
         self.padded_calls = 0
 
-    def forward(self, q, k, v, cache, meta, scale, rope=None):
+    def forward(self, q, k, v, cache, meta, scale, rope=None, pending=False):
         from lmkiln.kernels.attention_ref import paged_attention_ref, write_kv_ref
 
         if rope is not None:  # the model's fused path (LMKILN_FUSED=1)

@@ -190,7 +190,7 @@ class PadSkippingBackend(TorchAttentionBackend):
 
         self._write_kv = write
 
-    def forward(self, q, k, v, cache, meta, scale, rope=None):
+    def forward(self, q, k, v, cache, meta, scale, rope=None, pending=False):
         if meta.is_decode_only and meta.sink_slot is not None:
             self.decode_sink_writes += int((meta.sink_slot >= 0).sum())
         return super().forward(q, k, v, cache, meta, scale, rope)

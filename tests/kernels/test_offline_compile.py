@@ -4,7 +4,8 @@ The CPU interpreter accepts code that the GPU compiler refuses (a jit function r
 reassigning a constexpr, a branch the compiler cannot type), and it never runs the GPU-only paths (inline
 PTX, programmatic dependent launch). So CI compiles, ahead of time and all with PDL on: the write kernel's
 int8 and int4 variants (with the fused rotary), the int4 decode kernel (with attention sinks and the
-in-kernel split merge), the fp16-cache decode kernel that writes the step's K/V itself, the fp16 ``fma`` GEMV
+in-kernel split merge), the fp16-cache decode kernel that writes the step's K/V itself from a float32
+accumulator, the fp16 ``fma`` GEMV
 with its SiLU epilogue and L2 prefetch, the norm kernel consuming a float32 accumulator, and the rotary
 kernel; in a subprocess without ``TRITON_INTERPRET`` (the interpreter replaces the jit functions at import).
 Skipped where Triton has no CUDA backend or ptxas."""
@@ -58,20 +59,21 @@ elif kind == "rotary":
            **{k: "constexpr" for k in consts}}
 elif kind in ("attn4", "attn16"):
     # attn4: int4 decode (2 splits), fp16, GQA 4, with attention sinks; attn16: fp16 cache, MHA, 4 splits,
-    # writing this step's rotated K/V itself (new_kv)
+    # writing this step's rotated K/V itself (new_kv), q / k / v read from (and zeroed in) a float32
+    # accumulator
     fn, name = _paged_attn_kernel, "_paged_attn_kernel"
-    cache = "*u8" if kind == "attn4" else "*fp16"
-    ptrs = {"q_ptr": "*fp16", "k_ptr": cache, "v_ptr": cache, "ksz_ptr": "*fp16", "vsz_ptr": "*fp16",
+    new = kind == "attn16"
+    cache, acc = ("*fp16", "*fp32") if new else ("*u8", "*fp16")
+    ptrs = {"q_ptr": acc, "k_ptr": cache, "v_ptr": cache, "ksz_ptr": "*fp16", "vsz_ptr": "*fp16",
             "o_ptr": "*fp16", "ws_ptr": "*fp32", "ml_ptr": "*fp32", "tables_ptr": "*i32", "qsl_ptr": "*i32",
             "lens_ptr": "*i32", "sink_ptr": "*fp16", "sidx_ptr": "*i32", "cnt_ptr": "*i32",
-            "kn_ptr": "*fp16", "vn_ptr": "*fp16", "cos_ptr": "*fp16", "sin_ptr": "*fp16", "slot_ptr": "*i64"}
+            "kn_ptr": acc, "vn_ptr": acc, "cos_ptr": "*fp16", "sin_ptr": "*fp16", "slot_ptr": "*i64"}
     ints = ["stride_knt", "stride_knh", "stride_vnt", "stride_vnh", "stride_ct", "stride_st", "num_slots"]
     ints2 = ["stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_bt", "max_blocks", "Hk", "DH"]
-    new = kind == "attn16"
     consts = {"G": 1 if new else 4, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_DH": 64, "PAGE": 64,
               "BITS": 0 if new else 4, "SPLITS": 4 if new else 2, "DECODE": True,
               "CT": triton.language.float16, "F32": False, "NUM_STAGES": 2, "HAS_SINK": not new, "PDL": True,
-              "MERGE": True, "NEW_KV": new}
+              "MERGE": True, "NEW_KV": new, "CONSUME": new}
     sig = {**ptrs, **{k: "i32" for k in ints}, "qk_scale": "fp32", **{k: "i32" for k in ints2},
            **{k: "constexpr" for k in consts}}
 else:

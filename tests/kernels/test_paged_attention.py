@@ -480,3 +480,40 @@ def test_decode_with_new_kv_equals_rotary_write_then_decode(dtype, hq, hk, d, pa
         paged_decode(q, q8.k, q8.v, bt, lens, 1.0, q8.k_sz, q8.v_sz, 8, new_kv=(k, v, slots, cos, sin))
     with pytest.raises(KernelInputError, match="new_kv's v"):
         paged_decode(q, c.k, c.v, bt, lens, 1.0, new_kv=(k, v.double(), slots, cos, sin))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_consumes_a_float32_qkv_accumulator(splits) -> None:
+    """``consume=True``: q, k and v are views of a float32 split-K accumulator (the fused qkv GEMV's atomic
+    output); the kernel rounds them to the activations' dtype (``cos``'s, fp16) first, so output and cache
+    equal the fp16 path's on the rounded values, and leaves the accumulator zeroed (the last split of each
+    KV head, or the only one). Without counters a split launch is refused."""
+    from lmkiln.kernels.paged_attention import AttentionConfig, make_counters, paged_decode
+
+    dtype, hq, hk, d, page = torch.float16, 6, 2, 32, 16
+    shapes = [(0, 1), (16, 1), (68, 1), (129, 1)]
+    c, q16, bt, _, lens, _ = _batch(shapes, 0, dtype, hq, hk, d, page, seed=5, pad_rows=1)
+    b = q16.shape[0]
+    pos = (lens.long() - 1).clamp_min(0)
+    slots = torch.where(lens > 0, bt[torch.arange(b), pos // page].long() * page + pos % page, -1)
+    g = torch.Generator().manual_seed(3)
+    acc = torch.randn(b, hq + 2 * hk, d, generator=g)  # float32, as the atomic GEMV leaves it
+    q, k, v = acc.split([hq, hk, hk], dim=1)
+    ang = pos.float()[:, None] * 10000.0 ** (-torch.arange(d // 2).float() / (d // 2))
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+    cfg = AttentionConfig(num_splits=splits)
+    kc, vc = c.k.clone(), c.v.clone()
+    want = paged_decode(q.to(dtype), kc, vc, bt, lens, d**-0.5, config=cfg, counters=make_counters("cpu", 64),
+                        new_kv=(k.to(dtype), v.to(dtype), slots, cos, sin))
+    if splits > 1:
+        with pytest.raises(KernelInputError, match="split counters"):
+            paged_decode(q, c.k, c.v, bt, lens, 1.0, config=cfg, new_kv=(k, v, slots, cos, sin), consume=True)
+    got = paged_decode(q, c.k, c.v, bt, lens, d**-0.5, config=cfg, counters=make_counters("cpu", 64),
+                       new_kv=(k, v, slots, cos, sin), consume=True)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(c.k, kc, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(c.v, vc, atol=0, rtol=0, equal_nan=True)
+    assert not acc.any()
+    with pytest.raises(KernelInputError, match="float32 q, k, v"):
+        paged_decode(q16, c.k, c.v, bt, lens, 1.0, new_kv=(k, v, slots, cos, sin), consume=True)

@@ -297,3 +297,31 @@ def test_decode_with_new_kv_on_gpu(dtype, hq, hk, splits) -> None:
         torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
     assert not got[4].any()
     assert _rel(got[:4], want[:4]) < (1e-3 if dtype == torch.float16 else 8e-3)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_consumes_a_float32_qkv_accumulator_on_gpu(splits) -> None:
+    """``consume=True`` at batch 1, 7B head shapes: q, k, v as float32 views of the qkv GEMV's atomic
+    accumulator give the fp16 path's cache bit for bit and its output, and leave the accumulator zeroed."""
+    from lmkiln.kernels.paged_attention import AttentionConfig, make_counters, paged_decode
+
+    hq = hk = 32
+    d, page = 128, 64
+    c, _, bt, _, lens, _ = _batch([(300, 1)], 0, torch.float16, hq, hk, d, page, seed=7)
+    slots = bt[0, 300 // page].long().view(1) * page + 300 % page
+    g = torch.Generator(device=DEV).manual_seed(2)
+    acc = torch.randn(1, hq + 2 * hk, d, device=DEV, generator=g)
+    q, k, v = acc.split([hq, hk, hk], dim=1)
+    ang = 300.0 * 10000.0 ** (-torch.arange(d // 2, device=DEV).float() / (d // 2))
+    cos = torch.cat([ang.cos()] * 2).view(1, d).half()
+    sin = torch.cat([ang.sin()] * 2).view(1, d).half()
+    cfg = AttentionConfig(num_splits=splits)
+    kc, vc = c.k.clone(), c.v.clone()
+    want = paged_decode(q.half(), kc, vc, bt, lens, d**-0.5, config=cfg, counters=make_counters(DEV, 64),
+                        new_kv=(k.half(), v.half(), slots, cos, sin))
+    got = paged_decode(q, c.k, c.v, bt, lens, d**-0.5, config=cfg, counters=make_counters(DEV, 64),
+                       new_kv=(k, v, slots, cos, sin), consume=True)
+    torch.testing.assert_close(c.k, kc, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(c.v, vc, atol=0, rtol=0, equal_nan=True)
+    assert got.dtype == torch.float16 and _rel(got, want) < 1e-3
+    assert not acc.any()
