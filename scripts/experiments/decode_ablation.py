@@ -11,8 +11,8 @@ Two parts, both on a GPU (see notes/kernels.md "Running on the device"), results
 * ``step``: decode steps (``lmkiln.bench.step_profile``) with parts of the model replaced by a no-op that
   returns a preallocated tensor: the attention kernel, the whole attention (KV write + rotary too), the
   RMSNorms, the lm_head. The difference to the full step is what that part costs on the critical path.
-  ``--step-variants`` also takes ``splitsN`` (decode attention with N KV splits) and ``o_pfX`` (the o
-  GEMV's L2 prefetch budget, X MiB).
+  ``--step-variants`` also takes ``splitsN`` (decode attention with N KV splits), ``bnN`` (its key tile)
+  and ``o_pfX`` (the o GEMV's L2 prefetch budget, X MiB).
 
 ``python scripts/experiments/decode_ablation.py --out DIR [--parts chain step] [--workdir W]``.
 """
@@ -110,6 +110,13 @@ def _patched(parts: tuple[str, ...]) -> Iterator[None]:
         patch(kf, "add_rmsnorm", lambda x, residual, w, eps: (x, residual))
         patch(kf, "rmsnorm", lambda x, w, eps: x)
     for part in parts:
+        if part.startswith("bn"):  # decode attention with BLOCK_N keys a tile
+            import functools
+
+            from lmkiln.kernels import paged_attention
+
+            cls = paged_attention.AttentionConfig
+            patch(paged_attention, "AttentionConfig", functools.partial(cls, block_n=int(part[2:])))
         if part.startswith("splits"):  # decode attention with a fixed split-KV factor
             from lmkiln.kernels import paged_attention
 
