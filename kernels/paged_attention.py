@@ -399,14 +399,17 @@ def _num_sms(device: torch.device) -> int:
 
 
 def decode_splits(batch: int, num_kv_heads: int, max_tokens: int, device: torch.device) -> int:
-    """Split-KV factor from shapes only (stable under CUDA-graph replay): enough programs for ~2 waves on the
-    GPU, each split keeping at least :data:`MIN_SPLIT_KEYS` of the longest possible context's keys; a power
-    of two. The kernel divides the actual context, so a short one leaves the last splits empty."""
+    """Split-KV factor from shapes only (stable under CUDA-graph replay): the largest power of two that keeps
+    the programs within two per SM (the fp16 decode kernel's occupancy: ~235 registers x 4 warps), each
+    split keeping at least :data:`MIN_SPLIT_KEYS` of the longest possible context's keys. The kernel divides
+    the actual context, so a short one leaves the last splits empty. H100, 7B int4, batch 1 (32 KV heads,
+    ~160 cached tokens): 4 splits 2.159 ms a step, 8 2.173, 16 (512 programs, two rounds) 2.299
+    (scripts/experiments/decode_ablation.py, session 7); this rule picked 16 by rounding up before."""
     progs = batch * num_kv_heads
     sms = _num_sms(device)
     if progs >= sms or device.type != "cuda":
         return 1
-    want = triton.next_power_of_2(triton.cdiv(2 * sms, progs))
+    want = 1 << ((2 * sms // progs).bit_length() - 1)  # largest power of 2 <= 2 * sms / progs
     cap = 1 << (max(1, max_tokens // MIN_SPLIT_KEYS).bit_length() - 1)  # largest power of 2 <= that many
     return min(want, cap, MAX_SPLITS)
 

@@ -158,7 +158,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         model = packed if a.weights == "int4" else hf_dir
     dtype = a.dtype if device.type == "cuda" else "float32"
     loaded = load_model(model, device, dtype)
-    session_len = a.prompt_len + a.steps + 16
+    session_len = a.session_len or a.prompt_len + a.steps + 16
     report: dict[str, Any] = {
         "benchmark": "step_profile",
         "device": device_name(),
@@ -197,6 +197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--quant-policy", type=int, choices=(0, 4, 8), default=0)
+    p.add_argument(
+        "--session-len", type=int, default=0,
+        help="the engine's session length (default: prompt + steps + 16); it sizes the decode graphs' block "
+        "tables, and so the decode attention's split count",
+    )
     p.add_argument(
         "--dtype", choices=("bfloat16", "float16"), default="bfloat16", help="activation dtype (GPU)"
     )

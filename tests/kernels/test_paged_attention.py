@@ -517,3 +517,16 @@ def test_decode_consumes_a_float32_qkv_accumulator(splits) -> None:
     assert not acc.any()
     with pytest.raises(KernelInputError, match="float32 q, k, v"):
         paged_decode(q16, c.k, c.v, bt, lens, 1.0, new_kv=(k, v, slots, cos, sin), consume=True)
+
+
+def test_decode_splits_stay_within_two_programs_an_sm(monkeypatch) -> None:
+    """The split count from shapes: a power of two with batch x KV heads x splits <= 2 x SMs (batch 1 of a
+    7B shape on an H100: 8, not 16), capped by the longest context (>= 64 keys a split)."""
+    from lmkiln.kernels import paged_attention
+
+    monkeypatch.setattr(paged_attention, "_num_sms", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert [paged_attention.decode_splits(b, 32, 4096, cuda) for b in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    assert paged_attention.decode_splits(1, 32, 256, cuda) == 4  # 64 keys a split at least
+    assert paged_attention.decode_splits(1, 8, 1 << 16, cuda) == 32
+    assert paged_attention.decode_splits(1, 32, 4096, torch.device("cpu")) == 1
