@@ -29,7 +29,8 @@ TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 FMA_MAX_M = 8  # the CUDA-core kernel's largest row block (kind "fma")
 ATOMIC_ENV = "LMKILN_ATOMIC_SPLITK"
 # H100, 7B shape (notes/engine.md, session 7): atomic o / down GEMVs took the batch-1 decode step from 2.31 to
-# 2.25 ms, but batch 4 from 3.51 to 3.66 ms (4 rows: 4x the atomics on the same addresses)
+# 2.25 ms (and the qkv one from 2.23 to 2.16), but batch 4 from 3.51 to 3.66 ms (4 rows: 4x the atomics on
+# the same addresses)
 ATOMIC_MAX_M = 1
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 

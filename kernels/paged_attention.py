@@ -19,6 +19,11 @@ up in the block table; online softmax in base 2, float32 accumulators.
   KV head) to finish merges them (an atomic counter, as split-K GEMMs do), or a second kernel does.
   Grid, split count and loop bounds depend only on tensor shapes and ``seq_lens`` is read on the device, so
   a launch replays in a CUDA graph. A padded batch row (``seq_len`` 0, block table -1) writes zeros.
+* decode with ``new_kv`` (an unquantized cache; the engine's batch-1 steps): the step's K and V are not
+  in the cache yet; each program applies the rotary to q and the new k itself, the split holding the new
+  position stores the row, and every tile uses the new row from registers (no KV-write launch). With
+  ``consume``, q, k and v are a float32 split-K accumulator (the qkv GEMV's atomic output), rounded on load
+  and zeroed by the last program of each (sequence, KV head).
 * prefill / mixed: grid ``(B, Hk, cdiv(max_query_len, BLOCK_M // G))``, no split.
 
 Attention sinks (quantized caches): with ``sink_idx[b] >= 0``, key position 0 of sequence ``b`` is read from

@@ -80,8 +80,9 @@ class Int4Linear(nn.Module):
         """``(y, pending)``. Where the decode GEMV (``fma``, fp16, M = 1, no bias) runs, its split-K programs
         add their partials with atomics into this layer's float32 accumulator, and ``y`` is that
         accumulator's ``[M, N]`` rows, ``pending`` True: the caller must hand ``y`` to a consumer that reads
-        it and zeroes it again (``kernels.fused.add_rmsnorm(..., consume=True)``) before this layer runs
-        again. Else ``(self(x), False)``. Saves each GEMV its split-K tail (notes/engine.md, session 7)."""
+        it and zeroes it again before this layer runs again (``kernels.fused.add_rmsnorm(..., consume=True)``
+        for o / down, ``paged_attention.paged_decode(..., consume=True)`` for the fused qkv). Else
+        ``(self(x), False)``. Saves each GEMV its split-K tail (notes/engine.md, session 7)."""
         from lmkiln.kernels.dispatch import ATOMIC_MAX_M, atomic_splitk_config
 
         if x.device.type != "cuda" or self.bias is not None or self.packed_k != self.in_features:

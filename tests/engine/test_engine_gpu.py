@@ -64,15 +64,19 @@ def test_graphs_match_transformers_and_eager(smollm2_dir, prompts) -> None:
     assert [o.token_ids for o in eng.generate(prompts[:3], GREEDY)] == got[:3]
 
 
-@pytest.fixture(scope="module")
-def smollm2_packed(smollm2_dir, tmp_path_factory) -> Path:
+def _rtn_packed(model_dir: Path, tmp: Path) -> Path:
+    """``model_dir`` quantized (RTN, int4, group 64) and packed under ``tmp``."""
     from lmkiln.quant.awq import rtn_quantize
     from lmkiln.quant.pack import pack_checkpoint
     from lmkiln.quant.rtn import QuantSpec
 
-    tmp = tmp_path_factory.mktemp("smol-int4")
-    return pack_checkpoint(rtn_quantize(smollm2_dir, tmp / "rtn", QuantSpec(4, 64), progress=False),
-                           tmp / "packed")
+    rtn = rtn_quantize(model_dir, tmp / "rtn", QuantSpec(4, 64), progress=False)
+    return pack_checkpoint(rtn, tmp / "packed")
+
+
+@pytest.fixture(scope="module")
+def smollm2_packed(smollm2_dir, tmp_path_factory) -> Path:
+    return _rtn_packed(smollm2_dir, tmp_path_factory.mktemp("smol-int4"))
 
 
 def test_packed_int4_on_gpu(smollm2_packed, prompts) -> None:
@@ -121,13 +125,7 @@ def test_decode_step_kernels_match_the_torch_oracle(tiny_llama_dir, monkeypatch,
 
 @pytest.fixture(scope="module")
 def tiny_packed(tiny_llama_dir, tmp_path_factory) -> Path:
-    from lmkiln.quant.awq import rtn_quantize
-    from lmkiln.quant.pack import pack_checkpoint
-    from lmkiln.quant.rtn import QuantSpec
-
-    tmp = tmp_path_factory.mktemp("tiny-int4")
-    return pack_checkpoint(rtn_quantize(tiny_llama_dir, tmp / "rtn", QuantSpec(4, 64), progress=False),
-                           tmp / "packed")
+    return _rtn_packed(tiny_llama_dir, tmp_path_factory.mktemp("tiny-int4"))
 
 
 def test_atomic_split_k_decode_on_the_tiny_int4_llama(tiny_packed, monkeypatch) -> None:
