@@ -110,15 +110,17 @@ def _rmsnorm_kernel(
     offs = tl.arange(0, BLOCK_N)
     mask = offs < N
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
-    if CONSUME:  # x: a float32 split-K accumulator, rounded as the GEMM's output would be, then zeroed
+    if CONSUME:  # x: a float32 split-K accumulator, rounded as the GEMM's output would be (zeroed below)
         x = x.to(DT)
-        tl.store(x_ptr + row * stride_x + offs, tl.zeros((BLOCK_N,), tl.float32), mask=mask)
     if HAS_RES:
         r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(DT)  # x + residual, in x's dtype
         tl.store(ro_ptr + row * stride_ro + offs, x, mask=mask)
     xf = x.to(tl.float32)
     ms = tl.sum(xf * xf, axis=0) * inv_n  # torch's mean: sum * (1/N)
+    if CONSUME:  # every thread has its part of the row (the sum needed all): zero it for the GEMM
+        tl.debug_barrier()
+        tl.store(x_ptr + row * stride_x + offs, tl.zeros((BLOCK_N,), tl.float32), mask=mask)
     # rsqrtf as torch's CUDA rsqrt; the interpreter (no libdevice) does 1 / sqrt, as torch's CPU rsqrt
     inv = tl.math.rsqrt(ms + eps) if INTERP else libdevice.rsqrt(ms + eps)
     xn = (xf * inv).to(DT)
