@@ -15,6 +15,17 @@ Two parts, both on a GPU (see notes/kernels.md "Running on the device"), results
   and ``o_pfX`` (the o GEMV's L2 prefetch budget, X MiB).
 
 ``python scripts/experiments/decode_ablation.py --out DIR [--parts chain step] [--workdir W]``.
+
+Measured on an H100 (session 7; ms; notes/engine.md has the context):
+
+* chain (session 6 code), split-K at the table / half / twice: ordered 1.768 / 2.162 / 1.947, atomic
+  1.584 / 2.026 / 1.732, none 1.643 / 2.037 / 1.758 (floor 1.148). Atomic beats even "none": the partials
+  of a workspace cost more than red.add into a small output. The engine now adds o / down / qkv atomically.
+* step (session 6 code), ~160 cached tokens: full 2.318, without the attention kernel 2.120, without the
+  whole attention 2.050, without the RMSNorms 2.202, without the lm_head 2.223, without all three 1.834.
+* step (o / down atomic): 4 splits 2.256, 1 2.272 / 2.298, 2 2.269, 8 2.291; the o prefetch at 0 MiB 2.259
+  (neutral). Later (qkv atomic too): 4 splits 2.159 / 2.203, 8 2.173, 16 2.299; a 32-key tile (bn32) 1 %
+  slower at every split count.
 """
 
 from __future__ import annotations
