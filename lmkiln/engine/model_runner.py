@@ -486,7 +486,15 @@ class ModelRunner:
         input_ids, positions, meta = self._prepare(step)
         if pending is not None:
             input_ids.index_copy_(0, *pending)
-        return self.model.forward_paged(input_ids, positions, self.kv_cache.layers, meta, self.backend)
+        try:
+            return self.model.forward_paged(input_ids, positions, self.kv_cache.layers, meta, self.backend)
+        except BaseException:
+            # a GEMV may have left its atomic accumulator to a consumer that never ran: the next step's
+            # GEMV would add into it (Int4Linear.matmul_acc)
+            from lmkiln.layers.linear import reset_accumulators
+
+            reset_accumulators(self.model)
+            raise
 
     @torch.inference_mode()
     def prompt_logits(self, out: SchedulerOutput) -> torch.Tensor:

@@ -137,6 +137,15 @@ class Int4Linear(nn.Module):
         )
 
 
+def reset_accumulators(module: nn.Module) -> int:
+    """Zero every :class:`Int4Linear` accumulator under ``module`` (after a forward failed between a GEMV
+    and its consumer, which would leave one dirty); returns how many it zeroed."""
+    accs = [m.acc for m in module.modules() if isinstance(m, Int4Linear) and m.acc is not None]
+    for acc in accs:
+        acc.zero_()
+    return len(accs)
+
+
 class Int4GateUpSiLU(Int4Linear):
     """A fused gate/up ``Int4Linear`` whose forward returns the MLP's activation ``silu(gate) * up [..., I]``.
 

@@ -96,3 +96,20 @@ def test_fused_ops_interleave_gate_up_for_the_silu_epilogue(packed_dir: Path, mo
     assert [o.token_ids for o in outs["1"]] == [o.token_ids for o in outs["0"]]
     for a, b in zip(outs["1"], outs["0"], strict=True):
         assert [x.logprob for x in a.logprobs] == pytest.approx([x.logprob for x in b.logprobs], abs=1e-4)
+
+
+def test_a_failed_forward_zeroes_the_atomic_accumulators(packed_dir: Path, monkeypatch) -> None:
+    """A forward that fails between a GEMV and its consumer must not leave an accumulator dirty for the next
+    step (``Int4Linear.matmul_acc``): the runner zeroes them all before re-raising."""
+    eng = LLMEngine(EngineConfig(packed_dir, cache_max_entry_count=16, session_len=64))
+    int4 = [m for m in eng.runner.model.modules() if isinstance(m, Int4Linear)]
+    for m in int4:  # as a GEMV leaves its output pending for a consumer
+        m.acc = torch.ones(1, m.out_features)
+
+    def fail(*a, **k):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(eng.runner.model, "forward_paged", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        eng.generate([PROMPTS[0]], SamplingParams(max_tokens=2))
+    assert all(not m.acc.any() for m in int4)
