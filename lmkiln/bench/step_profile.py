@@ -165,10 +165,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "model": str(model),
         "dtype": dtype,
         "torch": torch.__version__,
+        "session_len": session_len,
+        "max_num_seqs": a.max_num_seqs or None,
         "rows": [],
     }
     for b in a.batch_sizes:
-        eng = _engine(model, loaded, str(device), b, session_len, a.quant_policy)
+        eng = _engine(model, loaded, str(device), max(b, a.max_num_seqs), session_len, a.quant_policy)
         row = profile_batch(eng, b, a.prompt_len, a.steps, loaded.config.vocab_size, a.trace)
         log.info(
             "batch %4d: step %.3f ms = GPU span %.3f ms + host gap %.3f ms (GPU busy %.0f %%)",
@@ -197,6 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--quant-policy", type=int, choices=(0, 4, 8), default=0)
+    p.add_argument(
+        "--max-num-seqs", type=int, default=0,
+        help="the engine's max_num_seqs (default: the batch size; `lmkiln bench engine` uses its largest)",
+    )
     p.add_argument(
         "--session-len", type=int, default=0,
         help="the engine's session length (default: prompt + steps + 16); it sizes the decode graphs' block "

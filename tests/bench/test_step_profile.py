@@ -12,8 +12,10 @@ from lmkiln.bench.step_profile import main
 def test_step_profile_cpu_tiny(tmp_path: Path, tiny_llama_dir: Path) -> None:
     out = tmp_path / "sp"
     assert main([str(tiny_llama_dir), "--out", str(out), "--device", "cpu", "--batch-sizes", "1", "3",
-                 "--prompt-len", "8", "--steps", "5"]) == 0
-    rows = json.loads((out / "step_profile.json").read_text())["rows"]
+                 "--prompt-len", "8", "--steps", "5", "--max-num-seqs", "4", "--session-len", "40"]) == 0
+    report = json.loads((out / "step_profile.json").read_text())
+    assert report["session_len"] == 40 and report["max_num_seqs"] == 4
+    rows = report["rows"]
     assert [r["batch"] for r in rows] == [1, 3]
     for r in rows:
         assert r["steps"] == 5 and 0 < r["gpu_span_ms"] <= r["wall_ms"]
