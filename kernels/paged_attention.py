@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 from lmkiln.kernels import pdl
-from lmkiln.kernels.fused import check_rotary, rotate_halves
+from lmkiln.kernels.fused import check_rotary, cos_sin, rotate_halves
 from lmkiln.kernels.kv_cache import check_cache, check_sink
 from lmkiln.kernels.pdl import interpreting
 
@@ -209,11 +209,7 @@ def _paged_attn_kernel(
     q_hi = tl.load(q_rows + e_hi[None, :], mask=qmask, other=0.0).to(AT)
     if NEW_KV:  # decode, fp16/bf16/fp32 cache: this step's K/V, with q, rotated here and not yet in the cache
         p_new = seq_len - 1  # the new token's key position
-        cs = tl.arange(0, BLOCK_DH)
-        c1 = tl.load(cos_ptr + b * stride_ct + cs, mask=dmask, other=0.0).to(tl.float32)[None, :]
-        c2 = tl.load(cos_ptr + b * stride_ct + DH + cs, mask=dmask, other=0.0).to(tl.float32)[None, :]
-        s1 = tl.load(sin_ptr + b * stride_st + cs, mask=dmask, other=0.0).to(tl.float32)[None, :]
-        s2 = tl.load(sin_ptr + b * stride_st + DH + cs, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        c1, c2, s1, s2 = cos_sin(cos_ptr, sin_ptr, b, stride_ct, stride_st, DH, BLOCK_DH)
         q_lo, q_hi = rotate_halves(q_lo, q_hi, c1, c2, s1, s2)
         kn = kn_ptr + b.to(tl.int64) * stride_knt + hk * stride_knh + offs_d[None, :]
         vn = vn_ptr + b.to(tl.int64) * stride_vnt + hk * stride_vnh + offs_d[None, :]
