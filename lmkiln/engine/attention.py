@@ -88,7 +88,7 @@ class _Backend:
             raise RuntimeError("a pending qkv accumulator reached a path that cannot consume it (engine bug)")
         if rope is not None:
             if self.fuses_rope and rot is None:
-                if self._writes_new_kv(q, cache, meta):  # one launch: rotary, KV write and attention
+                if self._writes_new_kv(q.shape[0], cache, meta):  # one launch: rotary, KV write, attention
                     new_kv = (k, v, meta.slot_mapping, *rope)
                     return self._attend(q, cache, meta, scale, new_kv=new_kv, consume=pending)
                 fused_rope = {"rope": (q, *rope)}
@@ -128,14 +128,15 @@ class _Backend:
     ) -> torch.Tensor:
         raise NotImplementedError
 
-    def _writes_new_kv(self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> bool:
+    def _writes_new_kv(self, num_tokens: int, cache: LayerKVCache, meta: AttentionMetadata) -> bool:
         """Whether ``_attend(..., new_kv=...)`` rotates and stores the step's K/V (then no ``_write_kv``)."""
         return False
 
     def takes_pending_qkv(self, cache: LayerKVCache, meta: AttentionMetadata, num_tokens: int) -> bool:
         """Whether this step's q, k, v may come as a pending float32 split-K accumulator
-        (``Int4Linear.matmul_acc``), asked by the model before its qkv GEMM."""
-        return False
+        (``Int4Linear.matmul_acc``), asked by the model before its qkv GEMM: exactly where :meth:`forward`
+        (given ``rope``) takes the ``new_kv`` path, whose decode kernel rounds, reads and zeroes it."""
+        return self.fuses_rope and cache.rotation is None and self._writes_new_kv(num_tokens, cache, meta)
 
 
 class TorchAttentionBackend(_Backend):
@@ -205,25 +206,15 @@ class TritonAttentionBackend(_Backend):
             counters = self._counters[q.device] = self._make_counters(q.device)
         return counters if counters.numel() >= q.shape[0] * cache.k.shape[2] else None
 
-    def _writes_new_kv(self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata) -> bool:
+    def _writes_new_kv(self, num_tokens: int, cache: LayerKVCache, meta: AttentionMetadata) -> bool:
         """Batch-1 decode steps over an unquantized cache: the decode kernel takes this step's K/V
         (``new_kv``). H100, 7B int4 (notes/engine.md, session 7): batch 1 2.262 -> 2.225 ms a step, but
         batch 4 3.51 -> 3.60 ms, so larger batches keep the KV-write launch."""
-        return cache.bits == 0 and q.shape[0] == 1 and self._is_decode(q, meta)
-
-    def takes_pending_qkv(self, cache: LayerKVCache, meta: AttentionMetadata, num_tokens: int) -> bool:
-        """Where :meth:`_writes_new_kv` (the decode kernel then rounds, reads and zeroes the accumulator)."""
-        return (
-            cache.bits == 0
-            and cache.rotation is None
-            and num_tokens == 1
-            and meta.is_decode_only
-            and meta.num_seqs == 1
-        )
+        return cache.bits == 0 and num_tokens == 1 and self._is_decode(num_tokens, meta)
 
     @staticmethod
-    def _is_decode(q: torch.Tensor, meta: AttentionMetadata) -> bool:
-        return meta.is_decode_only and q.shape[0] == meta.num_seqs
+    def _is_decode(num_tokens: int, meta: AttentionMetadata) -> bool:
+        return meta.is_decode_only and num_tokens == meta.num_seqs
 
     def _attend(
         self,
@@ -235,7 +226,7 @@ class TritonAttentionBackend(_Backend):
         consume: bool = False,
     ) -> torch.Tensor:
         sink, sink_idx = _sinks(cache, meta)
-        if self._is_decode(q, meta):
+        if self._is_decode(q.shape[0], meta):
             return self._decode(
                 q,
                 cache.k,
