@@ -12,6 +12,7 @@ the span is the forward + sampling wall time. Writes ``step_profile.json``::
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import statistics
 import sys
@@ -55,6 +56,35 @@ class _Span:
             torch.cuda.synchronize()
             return [a.elapsed_time(b) for a, b in self.marks]
         return [(b - a) * 1e3 for a, b in self.marks]
+
+
+class _GcPauses:
+    """Wall time the garbage collector spends while the block runs (``gc.callbacks``), by generation."""
+
+    def __init__(self) -> None:
+        self.ms = [0.0, 0.0, 0.0]
+        self.count = [0, 0, 0]
+        self._t0 = 0.0
+
+    def _cb(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            gen = int(info.get("generation", 2))
+            self.ms[gen] += (time.perf_counter() - self._t0) * 1e3
+            self.count[gen] += 1
+
+    def __enter__(self) -> _GcPauses:
+        gc.callbacks.append(self._cb)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._cb)
+
+
+def _pct(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 class _SamplerProxy:
@@ -121,10 +151,11 @@ def profile_batch(
     runner.sampler = _SamplerProxy(sampler, span)
     walls = []
     try:
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            engine.step()
-            walls.append((time.perf_counter() - t0) * 1e3)
+        with _GcPauses() as pauses:
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                engine.step()
+                walls.append((time.perf_counter() - t0) * 1e3)
     finally:
         del runner._hidden  # back to the method
         runner.sampler = sampler
@@ -139,6 +170,19 @@ def profile_batch(
         "gpu_span_ms": gpu_ms,
         "host_gap_ms": wall_ms - gpu_ms,
         "gpu_busy_frac": gpu_ms / wall_ms,
+        # the median hides rare long steps that a tokens/s average (lmkiln bench engine) pays for
+        "wall_mean_ms": statistics.fmean(walls),
+        "wall_p90_ms": _pct(walls, 90),
+        "wall_p99_ms": _pct(walls, 99),
+        "wall_max_ms": max(walls),
+        "gc_pause_ms": sum(pauses.ms),
+        "gc_collections": {f"gen{g}": n for g, n in enumerate(pauses.count)},
+        # steps over twice the median: (index, wall ms, GPU span ms), whether the host or the GPU stalled
+        "slow_steps": [
+            [i, round(w, 3), round(g, 3)]
+            for i, (w, g) in enumerate(zip(walls, gpu, strict=True))
+            if w > 2 * wall_ms
+        ][:20],
     }
     if kernels is not None:
         row["kernels"] = kernels
@@ -173,12 +217,17 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         eng = _engine(model, loaded, str(device), max(b, a.max_num_seqs), session_len, a.quant_policy)
         row = profile_batch(eng, b, a.prompt_len, a.steps, loaded.config.vocab_size, a.trace)
         log.info(
-            "batch %4d: step %.3f ms = GPU span %.3f ms + host gap %.3f ms (GPU busy %.0f %%)",
+            "batch %4d: step %.3f ms = GPU span %.3f ms + host gap %.3f ms (GPU busy %.0f %%); mean %.3f ms, "
+            "max %.3f ms, GC %.1f ms over %d steps",
             b,
             row["wall_ms"],
             row["gpu_span_ms"],
             row["host_gap_ms"],
             100 * row["gpu_busy_frac"],
+            row["wall_mean_ms"],
+            row["wall_max_ms"],
+            row["gc_pause_ms"],
+            a.steps,
         )
         report["rows"].append(row)
         del eng

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmkiln.bench.step_profile import main
+from lmkiln.bench.step_profile import _GcPauses, main
 
 
 def test_step_profile_cpu_tiny(tmp_path: Path, tiny_llama_dir: Path) -> None:
@@ -20,3 +20,16 @@ def test_step_profile_cpu_tiny(tmp_path: Path, tiny_llama_dir: Path) -> None:
     for r in rows:
         assert r["steps"] == 5 and 0 < r["gpu_span_ms"] <= r["wall_ms"]
         assert abs(r["wall_ms"] - r["gpu_span_ms"] - r["host_gap_ms"]) < 1e-9 and 0 < r["gpu_busy_frac"] <= 1
+        assert r["wall_ms"] <= r["wall_p90_ms"] <= r["wall_p99_ms"] <= r["wall_max_ms"]
+        assert r["wall_mean_ms"] <= r["wall_max_ms"] and r["gc_pause_ms"] >= 0
+        assert set(r["gc_collections"]) == {"gen0", "gen1", "gen2"}
+        assert all(0 <= i < 5 and w > 2 * r["wall_ms"] for i, w, _ in r["slow_steps"])
+
+
+def test_gc_pauses_counts_a_full_collection() -> None:
+    import gc
+
+    with _GcPauses() as pauses:
+        gc.collect()
+    assert pauses.count[2] == 1 and pauses.ms[2] > 0
+    assert pauses._cb not in gc.callbacks
