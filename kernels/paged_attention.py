@@ -16,7 +16,7 @@ up in the block table; online softmax in base 2, float32 accumulators.
 * decode (``max_query_len == 1``, row ``b`` of ``q`` is sequence ``b``): grid ``(B, Hk, splits)``. With
   ``splits > 1`` (flash-decoding) each program takes ``1/splits`` of its sequence's keys (the split is
   computed in-kernel from ``seq_lens``) and writes a partial ``(acc, m, l)``; the last split of a (sequence,
-  KV head) to finish merges them (an atomic counter, as split-K GEMMs do), or a second kernel does.
+  KV head) to finish merges them (an atomic counter, as split-K GEMMs do).
   Grid, split count and loop bounds depend only on tensor shapes and ``seq_lens`` is read on the device, so
   a launch replays in a CUDA graph. A padded batch row (``seq_len`` 0, block table -1) writes zeros.
 * decode with ``new_kv`` (an unquantized cache; the engine's batch-1 steps): the step's K and V are not
@@ -154,7 +154,6 @@ def _paged_attn_kernel(
     NUM_STAGES: tl.constexpr,
     HAS_SINK: tl.constexpr = False,
     PDL: tl.constexpr = False,
-    MERGE: tl.constexpr = False,
     NEW_KV: tl.constexpr = False,
     CONSUME: tl.constexpr = False,
 ):
@@ -290,7 +289,7 @@ def _paged_attn_kernel(
         m_i = m_new
 
     t_row = (q_start + qi).to(tl.int64)
-    if SPLITS > 1:  # partial results, merged by _merge_kernel
+    if SPLITS > 1:  # partial results
         n_hq = Hk * G
         part = (t_row * n_hq + hq) * SPLITS + split
         ws = ws_ptr + part[:, None] * (2 * DH)
@@ -298,38 +297,38 @@ def _paged_attn_kernel(
         tl.store(ws + e_hi[None, :], acc_hi, mask=qmask)
         tl.store(ml_ptr + part * 2, m_i, mask=row_ok)
         tl.store(ml_ptr + part * 2 + 1, l_i, mask=row_ok)
-        if MERGE:  # the last split of (sequence b, KV head hk) to finish merges all of them, as _merge_kernel
-            tl.debug_barrier()
-            count = tl.atomic_add(cnt_ptr + b * Hk + hk, 1, sem="acq_rel", scope="gpu")
-            if count == SPLITS - 1:
-                first = part - split
-                m_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-                for sp in tl.static_range(SPLITS):
-                    mp = ml_ptr + (first + sp) * 2
-                    m_s = tl.load(mp, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-                    m_max = tl.maximum(m_max, m_s)
-                m_use = tl.where(m_max == float("-inf"), 0.0, m_max)  # splits without keys weigh 0
-                total = tl.zeros((BLOCK_M,), tl.float32)
-                acc_lo = tl.zeros((BLOCK_M, BLOCK_DH), tl.float32)
-                acc_hi = tl.zeros((BLOCK_M, BLOCK_DH), tl.float32)
-                for sp in tl.static_range(SPLITS):
-                    mp = ml_ptr + (first + sp) * 2
-                    m_s = tl.load(mp, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-                    l_s = tl.load(mp + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
-                    w = tl.exp2(m_s - m_use)
-                    total += w * l_s
-                    ws_s = ws_ptr + (first + sp)[:, None] * (2 * DH)
-                    lo = tl.load(ws_s + e_lo[None, :], mask=qmask, other=0.0, cache_modifier=".cg")
-                    hi = tl.load(ws_s + e_hi[None, :], mask=qmask, other=0.0, cache_modifier=".cg")
-                    acc_lo += w[:, None] * lo
-                    acc_hi += w[:, None] * hi
-                den = tl.where(total > 0.0, total, 1.0)[:, None]  # no key at all: 0
-                o_rows = o_ptr + t_row[:, None] * stride_ot + hq[:, None] * stride_oh
-                tl.store(o_rows + e_lo[None, :], (acc_lo / den).to(o_ptr.dtype.element_ty), mask=qmask)
-                tl.store(o_rows + e_hi[None, :], (acc_hi / den).to(o_ptr.dtype.element_ty), mask=qmask)
-                if CONSUME:  # every split has read q, k and v (the counter): zero them for the GEMM
-                    _zero_qkv(q_rows, e_lo, e_hi, qmask, kn, vn, dm, DH)
-                tl.atomic_xchg(cnt_ptr + b * Hk + hk, 0)
+        # the last split of (sequence b, KV head hk) to finish merges all of them
+        tl.debug_barrier()
+        count = tl.atomic_add(cnt_ptr + b * Hk + hk, 1, sem="acq_rel", scope="gpu")
+        if count == SPLITS - 1:
+            first = part - split
+            m_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            for sp in tl.static_range(SPLITS):
+                mp = ml_ptr + (first + sp) * 2
+                m_s = tl.load(mp, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                m_max = tl.maximum(m_max, m_s)
+            m_use = tl.where(m_max == float("-inf"), 0.0, m_max)  # splits without keys weigh 0
+            total = tl.zeros((BLOCK_M,), tl.float32)
+            acc_lo = tl.zeros((BLOCK_M, BLOCK_DH), tl.float32)
+            acc_hi = tl.zeros((BLOCK_M, BLOCK_DH), tl.float32)
+            for sp in tl.static_range(SPLITS):
+                mp = ml_ptr + (first + sp) * 2
+                m_s = tl.load(mp, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                l_s = tl.load(mp + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
+                w = tl.exp2(m_s - m_use)
+                total += w * l_s
+                ws_s = ws_ptr + (first + sp)[:, None] * (2 * DH)
+                lo = tl.load(ws_s + e_lo[None, :], mask=qmask, other=0.0, cache_modifier=".cg")
+                hi = tl.load(ws_s + e_hi[None, :], mask=qmask, other=0.0, cache_modifier=".cg")
+                acc_lo += w[:, None] * lo
+                acc_hi += w[:, None] * hi
+            den = tl.where(total > 0.0, total, 1.0)[:, None]  # no key at all: 0
+            o_rows = o_ptr + t_row[:, None] * stride_ot + hq[:, None] * stride_oh
+            tl.store(o_rows + e_lo[None, :], (acc_lo / den).to(o_ptr.dtype.element_ty), mask=qmask)
+            tl.store(o_rows + e_hi[None, :], (acc_hi / den).to(o_ptr.dtype.element_ty), mask=qmask)
+            if CONSUME:  # every split has read q, k and v (the counter): zero them for the GEMM
+                _zero_qkv(q_rows, e_lo, e_hi, qmask, kn, vn, dm, DH)
+            tl.atomic_xchg(cnt_ptr + b * Hk + hk, 0)
     else:
         inv = (1.0 / tl.where(l_i > 0.0, l_i, 1.0))[:, None]  # no key (padded row): acc is 0, out 0
         o_rows = o_ptr + t_row[:, None] * stride_ot + hq[:, None] * stride_oh
@@ -351,40 +350,6 @@ def _zero_qkv(q_rows, e_lo, e_hi, qmask, kn, vn, dm, DH):
     tl.store(kn + DH, zk, mask=dm)
     tl.store(vn, zk, mask=dm)
     tl.store(vn + DH, zk, mask=dm)
-
-
-@triton.jit
-def _merge_kernel(
-    ws_ptr,
-    ml_ptr,
-    o_ptr,
-    stride_ot,
-    stride_oh,
-    Hq,
-    D,
-    SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    """Combine the ``SPLITS`` partial ``(acc, m, l)`` of one (row, head) into the output."""
-    pdl.enter(PDL)
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    sp = tl.arange(0, BLOCK_S)
-    smask = sp < SPLITS
-    part = (t * Hq + h) * SPLITS + sp
-    m = tl.load(ml_ptr + part * 2, mask=smask, other=float("-inf"))
-    l = tl.load(ml_ptr + part * 2 + 1, mask=smask, other=0.0)
-    m_max = tl.max(m, axis=0)
-    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # splits without keys weigh 0
-    total = tl.sum(w * l, axis=0)
-    offs_d = tl.arange(0, BLOCK_D)
-    acc = tl.load(
-        ws_ptr + part[:, None] * D + offs_d[None, :], mask=smask[:, None] & (offs_d < D)[None, :], other=0.0
-    )
-    out = tl.sum(acc * w[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)  # no key at all: 0
-    tl.store(o_ptr + t * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=offs_d < D)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -529,7 +494,8 @@ def _launch(
     hk = k_cache.shape[2]
     nseq = block_tables.shape[0]
     dh = d // 2
-    merge_in_kernel = splits > 1 and counters is not None
+    if splits > 1 and counters is None:
+        raise KernelInputError("a split launch needs the split counters (make_counters)")
     if splits > 1:
         ws = torch.empty((t, hq, splits, d), dtype=torch.float32, device=q.device)
         ml = torch.empty((t, hq, splits, 2), dtype=torch.float32, device=q.device)
@@ -552,7 +518,7 @@ def _launch(
         seq_lens,
         sink if sink is not None else k_cache,
         sink_idx if sink_idx is not None else seq_lens,
-        counters if merge_in_kernel else seq_lens,
+        counters if splits > 1 else seq_lens,
         kn,
         vn,
         cos,
@@ -587,7 +553,6 @@ def _launch(
         NUM_STAGES=num_stages,
         HAS_SINK=sink is not None and sink_idx is not None,
         PDL=on,
-        MERGE=merge_in_kernel,
         NEW_KV=new_kv is not None,
         CONSUME=consume,
         num_warps=num_warps,
@@ -595,22 +560,6 @@ def _launch(
         **({"enable_fp_fusion": False} if new_kv is not None and not interpreting() else {}),
         **pdl.launch_opts(on),
     )
-    if splits > 1 and not merge_in_kernel:
-        _merge_kernel[(t, hq)](
-            ws,
-            ml,
-            out,
-            out.stride(0),
-            out.stride(1),
-            hq,
-            d,
-            SPLITS=splits,
-            BLOCK_S=triton.next_power_of_2(splits),
-            BLOCK_D=triton.next_power_of_2(d),
-            PDL=on,
-            num_warps=4 if d >= 128 else 2,
-            **pdl.launch_opts(on),
-        )
 
 
 def paged_decode(
@@ -636,8 +585,10 @@ def paged_decode(
 
     No host synchronisation and a grid that depends only on shapes: capturable in a CUDA graph. Rows with
     ``seq_lens`` 0 give zeros. ``sink``/``sink_idx``: see ``paged_attention_ref`` (quantized caches).
-    ``counters`` (from :func:`make_counters`, at least ``B * Hk``): the last split of each (sequence, KV
-    head) merges the partials itself, one launch instead of two; without it a merge kernel runs.
+    The keys may be split over several programs (``config.num_splits``, else :func:`decode_splits`); the last
+    split of each (sequence, KV head) to finish merges the partials (split counters: ``counters`` from
+    :func:`make_counters`, at least ``B * Hk``, which every launch leaves zeroed; without them a zeroed set
+    is made for this call).
 
     ``new_kv = (k, v, slot_mapping, cos, sin)`` (an unquantized cache): this step's keys and values ``[B, Hk,
     D]`` are not in the cache yet, and q and k have no rotary yet. The kernel applies the rotary to q and k
@@ -648,7 +599,7 @@ def paged_decode(
     ``consume`` (with ``new_kv``): q, k and v are views of a float32 split-K accumulator
     (``Int4Linear.matmul_acc`` of the fused qkv projection): they are rounded to ``cos``'s dtype first, as
     the GEMM's own output would be, and zeroed for the GEMM's next launch by the last program of each
-    (sequence, KV head) to read them (so ``counters`` are needed when the keys are split)."""
+    (sequence, KV head) to read them."""
     cfg = config or AttentionConfig()
     _, hk, d, g = _check(q, k_cache, v_cache, block_tables, seq_lens, k_sz, v_sz, bits)
     if q.shape[0] != block_tables.shape[0]:
@@ -671,13 +622,10 @@ def paged_decode(
     splits = max(1, min(splits, MAX_SPLITS))
     if counters is not None:
         _check_counters(counters, q.shape[0] * hk, q.device)
+    elif splits > 1:
+        counters = make_counters(q.device, q.shape[0] * hk)
     if new_kv is not None:
         _check_new_kv(new_kv, q, k_cache, bits, sink, consume)
-    if consume and splits > 1 and counters is None:
-        raise KernelInputError(
-            f"consume=True with {splits} key splits needs the split counters (make_counters): the last split "
-            "zeroes the accumulator"
-        )
     _launch(
         q,
         k_cache,

@@ -200,7 +200,8 @@ class TritonAttentionBackend(_Backend):
         self._counters: dict[torch.device, torch.Tensor] = {}
 
     def _split_counters(self, q: torch.Tensor, cache: LayerKVCache) -> torch.Tensor | None:
-        """Zeroed counters for a decode launch of ``q``'s batch, or None (then a merge kernel runs)."""
+        """Zeroed counters for a decode launch of ``q``'s batch, or None where they are too few: the launch
+        makes its own (from the graph's pool when captured). Never replaced: captured graphs hold them."""
         counters = self._counters.get(q.device)
         if counters is None:
             counters = self._counters[q.device] = self._make_counters(q.device)

@@ -73,7 +73,7 @@ elif kind in ("attn4", "attn16"):
     consts = {"G": 1 if new else 4, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_DH": 64, "PAGE": 64,
               "BITS": 0 if new else 4, "SPLITS": 4 if new else 2, "DECODE": True,
               "CT": triton.language.float16, "F32": False, "NUM_STAGES": 2, "HAS_SINK": not new, "PDL": True,
-              "MERGE": True, "NEW_KV": new, "CONSUME": new}
+              "NEW_KV": new, "CONSUME": new}
     sig = {**ptrs, **{k: "i32" for k in ints}, "qk_scale": "fp32", **{k: "i32" for k in ints2},
            **{k: "constexpr" for k in consts}}
 else:
