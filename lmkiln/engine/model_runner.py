@@ -39,7 +39,7 @@ from lmkiln.engine.loader import GIB, LoadedModel
 from lmkiln.engine.outputs import Logprobs, ModelRunnerOutput, SchedulerOutput
 from lmkiln.engine.sampler import Sampler
 from lmkiln.engine.sequence import PENDING_TOKEN
-from lmkiln.engine.transfer import to_device
+from lmkiln.engine.transfer import StagedCopy, to_device
 from lmkiln.models.llama import use_fused_ops
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,10 @@ class DecodeGraphs:
             self.sink_idx = torch.full((b,), -1, dtype=torch.int32, device=device)
             self.sink_slot = torch.full((b,), -1, dtype=torch.long, device=device)
         self.hidden = torch.zeros(b, hidden_size, dtype=dtype, device=device)
+        buffers = [self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.block_tables]
+        if self.sink_idx is not None and self.sink_slot is not None:
+            buffers += [self.sink_idx, self.sink_slot]
+        self.staging = StagedCopy(buffers)  # the step's inputs, without a pinned allocation a step
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
 
@@ -251,19 +255,10 @@ class DecodeGraphs:
         if b is None:
             raise EngineConfigError(f"no decode graph holds {n} sequences (largest {self.sizes[-1]})")
         p = pad_decode_inputs(step, b, self.max_blocks)
-        dev = self.input_ids.device
-        inputs: list[tuple[torch.Tensor, list, torch.dtype]] = [
-            (self.input_ids, p.input_ids, torch.long),
-            (self.positions, p.positions, torch.long),
-            (self.slot_mapping, p.slot_mapping, torch.long),
-            (self.seq_lens, p.seq_lens, torch.int32),
-            (self.block_tables, p.block_tables, torch.int32),
-        ]
-        if self.sink_idx is not None and self.sink_slot is not None:
-            inputs.append((self.sink_idx, p.sink_idx or [-1] * b, torch.int32))
-            inputs.append((self.sink_slot, p.sink_slot or [-1] * b, torch.long))
-        for buf, values, dtype in inputs:
-            buf[:b].copy_(to_device(values, dtype, dev))
+        self.staging.copy(
+            [p.input_ids, p.positions, p.slot_mapping, p.seq_lens, p.block_tables]
+            + ([] if self.sink_idx is None else [p.sink_idx or [-1] * b, p.sink_slot or [-1] * b])
+        )
         if pending is not None:
             self.input_ids.index_copy_(0, *pending)
         graph = self.graphs.get(b)

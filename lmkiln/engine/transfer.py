@@ -14,3 +14,40 @@ def to_device(values: list, dtype: torch.dtype | None, device: torch.device) -> 
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+class StagedCopy:
+    """Host lists into fixed device buffers (a decode graph's inputs) through pinned host twins of them.
+
+    :func:`to_device` takes a pinned block from torch's caching host allocator for every list; this keeps
+    two sets of twins for the life of the buffers and uses them in turn, so a step allocates no pinned memory.
+    A set is refilled two steps after its copies were queued, and only once they are done (an event; with at
+    most one step in flight, already the case). On the CPU the lists go straight into the buffers."""
+
+    def __init__(self, buffers: list[torch.Tensor]) -> None:
+        self.buffers = buffers
+        self._cuda = bool(buffers) and buffers[0].device.type == "cuda"
+        self._sets: list[list[torch.Tensor]] = []
+        self._events: list[torch.cuda.Event] = []
+        if self._cuda:
+            self._sets = [
+                [torch.empty(b.shape, dtype=b.dtype, pin_memory=True) for b in buffers] for _ in range(2)
+            ]
+            self._events = [torch.cuda.Event(), torch.cuda.Event()]
+        self._turn = 0
+
+    def copy(self, values: list[list]) -> None:
+        """``buffers[i][: len(values[i])] = values[i]`` for every buffer, asynchronously on CUDA."""
+        if len(values) != len(self.buffers):
+            raise ValueError(f"{len(values)} value lists for {len(self.buffers)} buffers")
+        if not self._cuda:
+            for buf, vals in zip(self.buffers, values, strict=True):
+                buf[: len(vals)].copy_(torch.tensor(vals, dtype=buf.dtype))
+            return
+        k, self._turn = self._turn, self._turn ^ 1
+        self._events[k].synchronize()  # the copies out of this set (two steps ago) are done
+        for buf, host, vals in zip(self.buffers, self._sets[k], values, strict=True):
+            n = len(vals)
+            host[:n].copy_(torch.tensor(vals, dtype=host.dtype))
+            buf[:n].copy_(host[:n], non_blocking=True)
+        self._events[k].record()
