@@ -82,6 +82,14 @@ class _GcPauses:
         gc.callbacks.remove(self._cb)
 
 
+def _pinned_allocs(device: torch.device) -> int | None:
+    """How many pinned blocks torch's host allocator has created so far (None: not CUDA, or no statistics)."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if device.type != "cuda" or stats is None:
+        return None
+    return int(stats().get("num_host_alloc", 0))
+
+
 def _pct(xs: list[float], p: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
@@ -150,6 +158,7 @@ def profile_batch(
     runner._hidden = span.wrap_start(hidden)
     runner.sampler = _SamplerProxy(sampler, span)
     walls = []
+    pinned0 = _pinned_allocs(runner.device)
     try:
         with _GcPauses() as pauses:
             for _ in range(steps):
@@ -161,6 +170,7 @@ def profile_batch(
         runner.sampler = sampler
     while engine.has_unfinished_requests():
         engine.step()
+    pinned1 = _pinned_allocs(runner.device)
     gpu = span.spans_ms()
     wall_ms, gpu_ms = statistics.median(walls), statistics.median(gpu)
     row = {
@@ -177,6 +187,8 @@ def profile_batch(
         "wall_max_ms": max(walls),
         "gc_pause_ms": sum(pauses.ms),
         "gc_collections": {f"gen{g}": n for g, n in enumerate(pauses.count)},
+        # pinned host blocks torch's caching allocator had to create (cudaHostAlloc) during the steps
+        "pinned_allocs": None if pinned0 is None or pinned1 is None else pinned1 - pinned0,
         # steps over twice the median: (index, wall ms, GPU span ms), whether the host or the GPU stalled
         "slow_steps": [
             [i, round(w, 3), round(g, 3)]
