@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import logging
 import math
@@ -152,21 +153,23 @@ def _engine(model_dir: Path, loaded: Any, device: str, max_num_seqs: int, sessio
 
 
 def _run(engine: Any, prompts: list[list[int]], params: Any) -> dict[str, Any]:
-    """Submit all prompts at once and step to the end; per-request first-token and finish times."""
+    """Submit all prompts at once and step to the end; per-request first-token and finish times, and when
+    each step returned."""
     t0 = time.perf_counter()
-    start, first, done, ntok = {}, {}, {}, {}
+    start, first, done, ntok, steps = {}, {}, {}, {}, []
     for p in prompts:
         rid = engine.add_request(p, params)
         start[rid] = time.perf_counter()
     while engine.has_unfinished_requests():
         outs = engine.step()
         now = time.perf_counter()
+        steps.append(now)
         for o in outs:
             if o.token_ids and o.request_id not in first:
                 first[o.request_id] = now
             if o.finished:
                 done[o.request_id], ntok[o.request_id] = now, len(o.token_ids)
-    return {"t0": t0, "start": start, "first": first, "done": done, "ntok": ntok,
+    return {"t0": t0, "start": start, "first": first, "done": done, "ntok": ntok, "steps": steps,
             "end": time.perf_counter()}
 
 
@@ -186,10 +189,14 @@ def bench_decode_ours(engine: Any, batch_sizes: Sequence[int], prompt_len: int, 
         t_first = max(r["first"].values())
         decode_s = r["end"] - t_first
         total = sum(r["ntok"].values())
+        # the decode steps one by one: a mean (tokens/s) above the median means rare long steps
+        step_ms = [1000 * (y - x) for x, y in itertools.pairwise(r["steps"]) if x >= t_first]
         rows.append({
             "batch": b, "decode_tok_s": b * (output_len - 1) / decode_s if decode_s > 0 else math.nan,
             "total_tok_s": total / (r["end"] - r["t0"]), "prefill_s": t_first - r["t0"], "decode_s": decode_s,
             "tpot_ms": 1000 * decode_s / max(1, output_len - 1),
+            "step_ms_p50": _pct(step_ms, 50), "step_ms_p99": _pct(step_ms, 99),
+            "step_ms_max": max(step_ms, default=math.nan),
         })
         log.info("ours batch %4d: %.1f decode tok/s", b, rows[-1]["decode_tok_s"])
     return rows

@@ -34,6 +34,8 @@ def test_bench_engine_cpu_tiny(tmp_path: Path, tiny_llama_dir: Path) -> None:
     assert (out / "engine.png").stat().st_size > 1000
     ours = report["decode"]["ours-fp"]
     assert [r["batch"] for r in ours] == [1, 4] and all(r["decode_tok_s"] > 0 for r in ours)
+    for r in ours:  # 7 decode steps after the first token: their times, one by one
+        assert 0 < r["step_ms_p50"] <= r["step_ms_p99"] <= r["step_ms_max"]
     assert [r["batch"] for r in report["decode"]["hf-float32"]] == [1, 4]
     kv4 = report["decode"]["ours-fp-kv4"]  # the same sweep over an int4 KV cache
     assert [r["batch"] for r in kv4] == [1, 4] and all(r["decode_tok_s"] > 0 for r in kv4)
