@@ -39,7 +39,9 @@ class StagedCopy:
     def copy(self, values: list[list]) -> None:
         """``buffers[i][: len(values[i])] = values[i]`` for every buffer, asynchronously on CUDA."""
         if len(values) != len(self.buffers):
-            raise ValueError(f"{len(values)} value lists for {len(self.buffers)} buffers")
+            raise ValueError(
+                f"{len(values)} value lists for {len(self.buffers)} buffers: pass one per buffer, in order"
+            )
         if not self._cuda:
             for buf, vals in zip(self.buffers, values, strict=True):
                 buf[: len(vals)].copy_(torch.tensor(vals, dtype=buf.dtype))
