@@ -198,14 +198,15 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
         self.sink_idx: torch.Tensor | None = None
         self.sink_slot: torch.Tensor | None = None
+        # the static buffers a step fills, named as the StepInputs fields they take
+        self.inputs = ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables")
         if kv_caches and kv_caches[0].sink is not None:  # a quantized cache with attention sinks
             self.sink_idx = torch.full((b,), -1, dtype=torch.int32, device=device)
             self.sink_slot = torch.full((b,), -1, dtype=torch.long, device=device)
+            self.inputs += ("sink_idx", "sink_slot")
         self.hidden = torch.zeros(b, hidden_size, dtype=dtype, device=device)
-        buffers = [self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.block_tables]
-        if self.sink_idx is not None and self.sink_slot is not None:
-            buffers += [self.sink_idx, self.sink_slot]
-        self.staging = StagedCopy(buffers)  # the step's inputs, without a pinned allocation a step
+        # the step's inputs, without a pinned allocation a step
+        self.staging = StagedCopy([getattr(self, name) for name in self.inputs])
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
 
@@ -255,10 +256,8 @@ class DecodeGraphs:
         if b is None:
             raise EngineConfigError(f"no decode graph holds {n} sequences (largest {self.sizes[-1]})")
         p = pad_decode_inputs(step, b, self.max_blocks)
-        self.staging.copy(
-            [p.input_ids, p.positions, p.slot_mapping, p.seq_lens, p.block_tables]
-            + ([] if self.sink_idx is None else [p.sink_idx or [-1] * b, p.sink_slot or [-1] * b])
-        )
+        values = [getattr(p, name) for name in self.inputs]
+        self.staging.copy([v if v is not None else [-1] * b for v in values])  # no sink entries: -1
         if pending is not None:
             self.input_ids.index_copy_(0, *pending)
         graph = self.graphs.get(b)
