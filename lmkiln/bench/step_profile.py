@@ -90,11 +90,6 @@ def _pinned_allocs(device: torch.device) -> int | None:
     return int(stats().get("num_host_alloc", 0))
 
 
-def _pct(xs: list[float], p: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
-
-
 class _SamplerProxy:
     """The runner's sampler, marking the end of the GPU span after each call queues its kernels."""
 
@@ -139,7 +134,7 @@ def profile_batch(
 ) -> dict[str, Any]:
     """Decode ``steps`` steps of ``batch`` sequences; per-step wall, GPU span and host gap (medians);
     ``trace``: also the GPU time per kernel name (:func:`kernel_table`)."""
-    from lmkiln.bench.engine import _prompts
+    from lmkiln.bench.engine import _pct, _prompts
     from lmkiln.engine import SamplingParams
 
     traced = 5 if trace and engine.runner.device.type == "cuda" else 0
