@@ -232,9 +232,9 @@ def gate_up_silu(y: torch.Tensor) -> torch.Tensor:
     from lmkiln.kernels.fused import silu_mul
 
     check_gate_up_width(y.shape[-1])
-    pairs = y.contiguous().view(-1, 2 * GATE_UP_BLOCK)
-    out = silu_mul(pairs[:, :GATE_UP_BLOCK], pairs[:, GATE_UP_BLOCK:])
-    return out.reshape(*y.shape[:-1], y.shape[-1] // 2)
+    # one program per row block, reading the interleaved columns in place (sessions 5-8 viewed each 32-column
+    # pair as a row: a program for 32 elements, 16x slower over a prefill chunk, notes/engine.md session 9)
+    return silu_mul(y.contiguous(), interleave=GATE_UP_BLOCK)
 
 
 @torch.library.custom_op("lmkiln::w4a16_mm", mutates_args=())

@@ -347,13 +347,19 @@ def _silu_mul_kernel(
     BLOCK_N: tl.constexpr,
     INTERP: tl.constexpr,
     PDL: tl.constexpr,
+    IL: tl.constexpr = 0,
 ):
     pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = offs < N
-    g = tl.load(g_ptr + row * stride_g + offs, mask=m, other=0.0)
-    u = tl.load(u_ptr + row * stride_u + offs, mask=m, other=0.0)
+    if IL > 0:  # one row [g_0, u_0, g_1, u_1, ...] of IL-column blocks (g_ptr == u_ptr)
+        col = (offs // IL) * (2 * IL) + offs % IL
+        g = tl.load(g_ptr + row * stride_g + col, mask=m, other=0.0)
+        u = tl.load(u_ptr + row * stride_u + col + IL, mask=m, other=0.0)
+    else:
+        g = tl.load(g_ptr + row * stride_g + offs, mask=m, other=0.0)
+        u = tl.load(u_ptr + row * stride_u + offs, mask=m, other=0.0)
     gf = g.to(tl.float32)
     # expf, as torch's CUDA silu (tl.exp is the approximate ex2); the interpreter has no libdevice
     e = tl.exp(-gf) if INTERP else libdevice.exp(-gf)
@@ -362,11 +368,22 @@ def _silu_mul_kernel(
     tl.store(o_ptr + row * stride_o + offs, o.to(o_ptr.dtype.element_ty), mask=m)
 
 
-def silu_mul(gate_up: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, up: torch.Tensor | None = None, interleave: int = 0) -> torch.Tensor:
     """``silu(gate) * up`` -> a new contiguous ``[..., I]`` tensor.
 
-    One argument: ``gate_up [..., 2I]`` holds gate then up (``chunk(2, -1)``); two: ``gate``, ``up [..., I]``
-    (strided views allowed)."""
+    One argument: ``gate_up [..., 2I]`` holds gate then up (``chunk(2, -1)``), or with ``interleave=B``
+    blocks of ``B`` gate columns and their ``B`` up columns in turn (``quant.pack.gate_up_interleave``); two:
+    ``gate``, ``up [..., I]`` (strided views allowed)."""
+    if interleave:
+        if up is not None:
+            raise KernelInputError("silu_mul(interleave=B) takes one gate_up tensor, not gate and up")
+        _check(gate_up, "gate_up")
+        if interleave < 1 or gate_up.shape[-1] % (2 * interleave):
+            raise KernelInputError(
+                f"gate_up's last dim ({gate_up.shape[-1]}) must be a multiple of 2 x interleave "
+                f"({interleave})"
+            )
+        return _silu_mul_launch(gate_up, gate_up, gate_up.shape[-1] // 2, interleave)
     if up is None:
         _check(gate_up, "gate_up")
         if gate_up.shape[-1] % 2:
@@ -383,9 +400,14 @@ def silu_mul(gate_up: torch.Tensor, up: torch.Tensor | None = None) -> torch.Ten
                 f"gate {list(gate.shape)} and up {list(up.shape)} must have the same shape"
             )
     _same({"gate": gate, "up": up}, "silu_mul")
-    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    return _silu_mul_launch(gate, up, gate.shape[-1], 0)
+
+
+def _silu_mul_launch(gate: torch.Tensor, up: torch.Tensor, n: int, il: int) -> torch.Tensor:
+    """``out [..., n]`` from checked ``gate`` / ``up`` (one interleaved tensor, twice, when ``il``)."""
+    out = torch.empty((*gate.shape[:-1], n), dtype=gate.dtype, device=gate.device)
     g2, u2 = _rows(gate, "gate"), _rows(up, "up")
-    rows, n = g2.shape
+    rows = g2.shape[0]
     if rows == 0 or n == 0:
         return out
     block = min(triton.next_power_of_2(n), 2048)
@@ -401,6 +423,7 @@ def silu_mul(gate_up: torch.Tensor, up: torch.Tensor | None = None) -> torch.Ten
         BLOCK_N=block,
         INTERP=interpreting(),
         PDL=on,
+        IL=il,
         num_warps=_warps(block),
         **_launch_opts(on),
     )

@@ -88,7 +88,8 @@ def test_fused_ops_interleave_gate_up_for_the_silu_epilogue(packed_dir: Path, mo
     for flag in ("0", "1"):
         monkeypatch.setenv("LMKILN_FUSED", flag)
         loaded = load_model(packed_dir, int4="on")
-        monkeypatch.setattr(fused, "silu_mul", lambda *a, _f=fused.silu_mul: silu_calls.append(1) or _f(*a))
+        count = lambda *a, _f=fused.silu_mul, **k: silu_calls.append(1) or _f(*a, **k)  # noqa: E731
+        monkeypatch.setattr(fused, "silu_mul", count)
         outs[flag] = LLMEngine(EngineConfig(packed_dir, **kw), loaded=loaded).generate(PROMPTS, p)
         swapped = [isinstance(layer.mlp.gate_up_proj, Int4GateUpSiLU) for layer in loaded.model.model.layers]
         assert swapped == [flag == "1"] * loaded.config.num_layers and not silu_calls

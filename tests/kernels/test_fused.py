@@ -168,6 +168,22 @@ def test_silu_mul_fused_and_two_inputs(dtype, t, i) -> None:
     assert silu_mul(gate_up[:0]).shape == (0, i)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("t", "i", "b"), [(1, 64, 32), (3, 96, 32), (5, 4096, 32), (2, 24, 4)])
+def test_silu_mul_interleaved_reads_the_blocks_in_place(dtype, t, i, b) -> None:
+    # [g_0, u_0, g_1, u_1, ...] blocks of b columns (gate_up_interleave): the same numbers, bit for bit, as
+    # the plain kernel on the de-interleaved gate and up (one launch over whole rows)
+    from lmkiln.kernels.fused import silu_mul
+
+    y = _rows(t, 2 * i, dtype, 11)
+    blocks = y.unflatten(-1, (-1, 2, b))
+    gate, up = blocks[:, :, 0].flatten(1), blocks[:, :, 1].flatten(1)
+    out = silu_mul(y, interleave=b)
+    assert out.shape == (t, i) and out.is_contiguous()
+    assert torch.equal(out, silu_mul(gate, up))
+    assert silu_mul(y[:0], interleave=b).shape == (0, i)
+
+
 def test_launchers_reject_bad_inputs(monkeypatch) -> None:
     from lmkiln.kernels.fused import add_rmsnorm, rmsnorm, rotary_, silu_mul
 
@@ -196,6 +212,10 @@ def test_launchers_reject_bad_inputs(monkeypatch) -> None:
         silu_mul(torch.randn(2, 7))
     with pytest.raises(KernelInputError, match="same shape"):
         silu_mul(torch.randn(2, 8), torch.randn(2, 4))
+    with pytest.raises(KernelInputError, match="multiple of 2 x interleave"):
+        silu_mul(torch.randn(2, 96), interleave=32)
+    with pytest.raises(KernelInputError, match="one gate_up tensor"):
+        silu_mul(torch.randn(2, 64), torch.randn(2, 64), interleave=32)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(KernelInputError, match="CUDA device"):
         rmsnorm(x, w, 1e-5)

@@ -102,6 +102,9 @@ def test_silu_mul_7b(dtype, t) -> None:
     _ulp_check(silu_mul(gate, up), want, 1, 0.001)
     sep_g, sep_u = gate.contiguous(), up.contiguous()
     _ulp_check(silu_mul(sep_g, sep_u), want, 1, 0.001)
+    # the int4 engine's gate/up order (gate_up_interleave, 32-column blocks): the same numbers as above
+    inter = torch.stack((sep_g.unflatten(-1, (-1, 32)), sep_u.unflatten(-1, (-1, 32))), dim=-2).flatten(-3)
+    assert torch.equal(silu_mul(inter, interleave=32), silu_mul(sep_g, sep_u))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -141,6 +141,25 @@ def test_cuda_graph_and_compile(make_packed):
     assert eager.shape == (4, 4096)
 
 
+@pytest.mark.parametrize("m", [16, 300])
+def test_silu_over_interleaved_gate_up_at_larger_m(make_packed, m):
+    """M > 8 (mma / dequant + cuBLAS, no SiLU epilogue): the GEMM over the interleaved gate/up, then one
+    ``silu_mul`` reading the 32-column blocks in place, gives what ``silu_mul`` over the plain weight's GEMM
+    gives (the same columns, permuted)."""
+    from lmkiln.kernels.dispatch import w4a16_matmul
+    from lmkiln.kernels.fused import silu_mul
+
+    from lmkiln.quant.pack import gate_up_interleave
+
+    p = make_packed(4096, 22016, 128, seed=m, device="cuda")
+    q, sz, zeros, _ = gate_up_interleave(p["qweight"], p["sz"], p["zeros"])
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+    y = w4a16_matmul(x, q, sz, zeros, silu=True)
+    gate, up = w4a16_matmul(x, p["qweight"], p["sz"], p["zeros"]).chunk(2, dim=-1)
+    assert y.shape == (m, 11008)
+    torch.testing.assert_close(y, silu_mul(gate, up), rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_fma_silu_epilogue_equals_gemm_then_silu_mul(make_packed, m):
     """The packed-fp16 fma kernel with the SiLU epilogue over an interleaved gate/up (Llama-2-7B's 4096 x
