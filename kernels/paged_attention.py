@@ -256,7 +256,11 @@ def _paged_attn_kernel(
         tv = tv & (blk >= 0)
         row = (blk.to(tl.int64) * PAGE + t % PAGE) * Hk + hk
         k_lo, k_hi = _load_kv(k_ptr, ksz_ptr, row, tv, offs_d, DH, BITS, CT)
-        if DECODE:  # V's loads in flight with K's (decode tiles are small)
+        # fp16/bf16 decode: V's loads in flight with K's (small tiles; the NEW_KV row replaces V's too). Not
+        # for quantized caches: two dequantized tiles at once spilled 560 bytes (int8, 2 warps) and made the
+        # batch-256 decode 34 % slower than after the softmax (notes/engine.md, session 9)
+        EARLY_V: tl.constexpr = DECODE and BITS == 0
+        if EARLY_V:
             v_lo, v_hi = _load_kv(v_ptr, vsz_ptr, row, tv, offs_d, DH, BITS, CT)
         if NEW_KV:  # the new key is not read back from the cache (no ordering with the store above needed)
             new = (t == p_new)[:, None]
@@ -276,7 +280,7 @@ def _paged_attn_kernel(
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if not DECODE:
+        if not EARLY_V:
             v_lo, v_hi = _load_kv(v_ptr, vsz_ptr, row, tv, offs_d, DH, BITS, CT)
         if HAS_SINK:  # noqa: SIM102
             if start == 0:

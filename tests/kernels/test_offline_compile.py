@@ -4,11 +4,12 @@ The CPU interpreter accepts code that the GPU compiler refuses (a jit function r
 reassigning a constexpr, a branch the compiler cannot type), and it never runs the GPU-only paths (inline
 PTX, programmatic dependent launch). So CI compiles, ahead of time and all with PDL on: the write kernel's
 int8 and int4 variants (with the fused rotary), the int4 decode kernel (with attention sinks and the
-in-kernel split merge), the fp16-cache decode kernel that writes the step's K/V itself from a float32
-accumulator, the fp16 ``fma`` GEMV
-with its SiLU epilogue and L2 prefetch, the norm kernel consuming a float32 accumulator, and the rotary
-kernel; in a subprocess without ``TRITON_INTERPRET`` (the interpreter replaces the jit functions at import).
-Skipped where Triton has no CUDA backend or ptxas."""
+in-kernel split merge), the int8 decode kernel of large batches, the fp16-cache decode kernel that writes the
+step's K/V itself from a float32 accumulator, the fp16 ``fma`` GEMV with its SiLU epilogue and L2 prefetch,
+the norm kernel consuming a float32 accumulator, and the rotary kernel; in a subprocess without
+``TRITON_INTERPRET`` (the interpreter replaces the jit functions at import). The quantized decode kernels
+must also compile without register spills (``ptxas -v``): a spilling int8 decode kernel made the batch-256
+steps of a throughput run a third slower (session 9). Skipped where Triton has no CUDA backend or ptxas."""
 
 from __future__ import annotations
 
@@ -57,12 +58,14 @@ elif kind == "rotary":
     consts = {"BLOCK_H": 32, "HALF": 64, "PDL": True}
     sig = {**{k: "*fp16" for k in ("q_ptr", "k_ptr", "cos_ptr", "sin_ptr")}, **{k: "i32" for k in ints},
            **{k: "constexpr" for k in consts}}
-elif kind in ("attn4", "attn16"):
-    # attn4: int4 decode (2 splits), fp16, GQA 4, with attention sinks; attn16: fp16 cache, MHA, 4 splits,
-    # writing this step's rotated K/V itself (new_kv), q / k / v read from (and zeroed in) a float32
-    # accumulator
+elif kind in ("attn4", "attn8", "attn16"):
+    # attn4: int4 decode (2 splits), fp16, GQA 4, with attention sinks; attn8: int8 decode, MHA, one split,
+    # with sinks (the large-batch variant; 2 warps, as the launcher picks for quantized caches); attn16: fp16
+    # cache, MHA, 4 splits, writing this step's rotated K/V itself (new_kv), q / k / v read from (and zeroed
+    # in) a float32 accumulator
     fn, name = _paged_attn_kernel, "_paged_attn_kernel"
     new = kind == "attn16"
+    bits = {"attn4": 4, "attn8": 8, "attn16": 0}[kind]
     cache, acc = ("*fp16", "*fp32") if new else ("*u8", "*fp16")
     ptrs = {"q_ptr": acc, "k_ptr": cache, "v_ptr": cache, "ksz_ptr": "*fp16", "vsz_ptr": "*fp16",
             "o_ptr": "*fp16", "ws_ptr": "*fp32", "ml_ptr": "*fp32", "tables_ptr": "*i32", "qsl_ptr": "*i32",
@@ -70,12 +73,13 @@ elif kind in ("attn4", "attn16"):
             "kn_ptr": acc, "vn_ptr": acc, "cos_ptr": "*fp16", "sin_ptr": "*fp16", "slot_ptr": "*i64"}
     ints = ["stride_knt", "stride_knh", "stride_vnt", "stride_vnh", "stride_ct", "stride_st", "num_slots"]
     ints2 = ["stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_bt", "max_blocks", "Hk", "DH"]
-    consts = {"G": 1 if new else 4, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_DH": 64, "PAGE": 64,
-              "BITS": 0 if new else 4, "SPLITS": 4 if new else 2, "DECODE": True,
+    consts = {"G": 4 if bits == 4 else 1, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_DH": 64, "PAGE": 64,
+              "BITS": bits, "SPLITS": {4: 2, 8: 1, 0: 4}[bits], "DECODE": True,
               "CT": triton.language.float16, "F32": False, "NUM_STAGES": 2, "HAS_SINK": not new, "PDL": True,
               "NEW_KV": new, "CONSUME": new}
     sig = {**ptrs, **{k: "i32" for k in ints}, "qk_scale": "fp32", **{k: "i32" for k in ints2},
            **{k: "constexpr" for k in consts}}
+    options["num_warps"] = 4 if new else 2
 else:
     bits = int(kind)
     fn, name, options = _write_kv_kernel, "_write_kv_kernel", {"enable_fp_fusion": False}
@@ -93,7 +97,9 @@ else:
               "BLOCK_D": 64 if bits == 4 else 128, "INTERP": False, "PDL": True, "ROTARY": True,
               "BLOCK_HQ": 64, "HALF": 64}
 try:
-    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=options)
+    # 16-byte aligned pointers, as torch allocates them (the register counts then match a real launch)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if sig[n].startswith("*")}
+    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=options)
 except FileNotFoundError as e:  # no ptxas
     print("SKIP", e); sys.exit(0)
 ptx = k.asm["ptx"]
@@ -103,12 +109,21 @@ elif "griddepcontrol.wait" not in ptx or "griddepcontrol.launch_dependents" not 
     print("NO PDL")
 elif kind == "fma" and "prefetch.global.L2" not in ptx:
     print("NO PREFETCH")
+elif kind in ("attn4", "attn8"):  # quantized decode: spills cost the batch-256 decode a third (session 9)
+    import re, subprocess, tempfile
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.TemporaryDirectory() as d:
+        open(f"{d}/k.ptx", "w").write(ptx)
+        r = subprocess.run([get_ptxas(90).path, "-v", "-arch=sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.o"],
+                           capture_output=True, text=True)
+    spills = re.findall(r"(\\d+) bytes spill stores", r.stderr)
+    print("PTX" if spills and int(spills[0]) == 0 else f"SPILLS {spills} {r.stderr[-500:]}")
 else:
     print("PTX")
 """
 
 
-@pytest.mark.parametrize("kind", ["8", "4", "attn4", "attn16", "fma", "norm", "rotary"])
+@pytest.mark.parametrize("kind", ["8", "4", "attn4", "attn8", "attn16", "fma", "norm", "rotary"])
 def test_kernels_compile_for_sm90(kind) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run(
