@@ -72,6 +72,13 @@ def apply_filters(
     return logits.masked_fill(mask, float("-inf"))
 
 
+def _plain_greedy(seq: Sequence) -> bool:
+    """Greedy with nothing to apply to the logits first and no logprobs to report."""
+    p = seq.params
+    masks_stops = bool(p.min_tokens and seq.num_output_tokens < p.min_tokens and seq.stop_ids)
+    return p.greedy and not p.has_penalties and p.logprobs is None and not masks_stops
+
+
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -96,6 +103,10 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> SamplerOutput:
+        if all(_plain_greedy(s) for s in seqs):
+            # the argmax of the logits as they are: converting them to float32 first (exact) picks the same
+            # token, and a batch decode step spares two launches
+            return SamplerOutput(logits.argmax(dim=-1), [None] * len(seqs))
         logits = logits.float()
         device = logits.device
         want_lp = [s.params.logprobs for s in seqs]

@@ -24,6 +24,27 @@ def test_greedy_is_argmax() -> None:
     assert torch.equal(Sampler()(logits, seqs).token_ids, logits.argmax(-1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_plain_greedy_takes_the_first_maximum_in_the_logits_dtype(dtype: torch.dtype) -> None:
+    # the fast path skips the float32 copy: same token, ties to the first maximum as the full path breaks them
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(1)).to(dtype)
+    logits[1, 7] = logits[1, 250] = logits[1].max() + 1  # a tie
+    before = logits.clone()
+    seqs = [_seq(i, SamplingParams(temperature=0)) for i in range(4)]
+    out = Sampler()(logits, seqs)
+    assert out.token_ids.tolist() == logits.float().argmax(-1).tolist()
+    assert out.token_ids[1].item() == 7 and out.token_ids.dtype == torch.long
+    assert out.logprobs == [None] * 4 and torch.equal(logits, before)
+
+
+def test_greedy_with_logprobs_or_min_tokens_takes_the_full_path() -> None:
+    logits = torch.tensor([[5.0, 1.0, 0.0]])
+    lp = Sampler()(logits, [_seq(0, SamplingParams(temperature=0, logprobs=1))])
+    assert lp.token_ids.tolist() == [0] and lp.logprobs[0] is not None
+    held = _seq(0, SamplingParams(temperature=0, min_tokens=2), eos=(0,))
+    assert Sampler()(logits, [held]).token_ids.tolist() == [1]  # the stop token 0 is masked
+
+
 def test_repetition_penalty_uses_prompt_and_output_tokens() -> None:
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
     s = _seq(0, SamplingParams(repetition_penalty=2.0), prompt=[0], output=[1])
