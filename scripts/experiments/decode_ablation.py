@@ -11,8 +11,10 @@ Two parts, both on a GPU (see notes/kernels.md "Running on the device"), results
 * ``step``: decode steps (``lmkiln.bench.step_profile``) with parts of the model replaced by a no-op that
   returns a preallocated tensor: the attention kernel, the whole attention (KV write + rotary too), the
   RMSNorms, the lm_head. The difference to the full step is what that part costs on the critical path.
-  ``--step-variants`` also takes ``splitsN`` (decode attention with N KV splits), ``bnN`` (its key tile)
-  and ``o_pfX`` (the o GEMV's L2 prefetch budget, X MiB).
+  ``--step-variants`` also takes ``splitsN`` (decode attention with N KV splits), ``bnN`` (its key tile),
+  ``o_pfX`` (the o GEMV's L2 prefetch budget, X MiB), ``sampler_full`` (greedy rows through the whole
+  sampler), ``copies`` (the decode graph's inputs copied on the first step only) and ``pending`` (no copy of
+  the previous step's tokens into the inputs); the last two give wrong tokens and are for timing only.
 
 ``python scripts/experiments/decode_ablation.py --out DIR [--parts chain step] [--workdir W]``.
 
@@ -23,6 +25,8 @@ Measured on an H100 (session 7; ms; notes/engine.md has the context):
   of a workspace cost more than red.add into a small output. The engine now adds o / down / qkv atomically.
 * step (session 6 code), ~160 cached tokens: full 2.318, without the attention kernel 2.120, without the
   whole attention 2.050, without the RMSNorms 2.202, without the lm_head 2.223, without all three 1.834.
+* step (session 9 code, 250 steps; two engines of the same code differed by 0.065 ms, so these are noise):
+  full 2.176 / 2.241, sampler_full 2.191, copies 2.164, pending 2.220, copies + pending 2.156.
 * step (o / down atomic): 4 splits 2.256, 1 2.272 / 2.298, 2 2.269, 8 2.291; the o prefetch at 0 MiB 2.259
   (neutral). Later (qkv atomic too): 4 splits 2.159 / 2.203, 8 2.173, 16 2.299; a 32-key tile (bn32) 1 %
   slower at every split count.
@@ -142,6 +146,25 @@ def _patched(parts: tuple[str, ...]) -> Iterator[None]:
                 return dataclasses.replace(cfg, prefetch_mb=_mb) if (m, n, k) == (1, 4096, 4096) else cfg
 
             patch(dispatch, "choose_config", o_config)
+    if "sampler_full" in parts:  # greedy rows through the full sampler (float32 copy, clone, penalties)
+        from lmkiln.engine import sampler
+
+        patch(sampler, "_plain_greedy", lambda seq: False)
+    if "copies" in parts:  # the decode graph's inputs copied once, then never again (timing only)
+        from lmkiln.engine.transfer import StagedCopy
+
+        copy = StagedCopy.copy
+
+        def copy_once(self, values, _copy=copy):
+            if not getattr(self, "_copied", False):
+                self._copied = True
+                _copy(self, values)
+
+        patch(StagedCopy, "copy", copy_once)
+    if "pending" in parts:  # no device copy of the step in flight's tokens into the inputs (timing only)
+        from lmkiln.engine.model_runner import ModelRunner
+
+        patch(ModelRunner, "_pending", lambda self, step, prev: None)
     if "lm_head" in parts:
         patch(llama.CausalLM, "compute_logits",
               lambda self, h: zeros((h.shape[0], self.lm_head.weight.shape[0]), h))
