@@ -2,9 +2,14 @@
 
 The engine of ``lmkiln bench engine``'s throughput run (synthetic 7B int4, ``max_num_seqs`` 256, prompts 512
 / outputs 256, all submitted at once) steps ``--warm-steps`` times, then ``--steps`` steps run under
-``torch.profiler``; the report lists the kernels by their summed device time. The mixed prefill + decode
-steps run eagerly, so the profiler sees each kernel; decode-only steps replay CUDA graphs. Written against
-the bench's helpers as they have been since session 4, so an older tree can run it for an A/B.
+``torch.profiler``; the report lists the kernels by their summed device time (the profiler sees the kernels
+of CUDA-graph replays too: with the defaults, the profiled steps are batch-256 decode-only replays).
+``--record-shapes`` logs what layer 0's attention gets, for eager (mixed) steps only. Written against the
+bench's helpers as they have been since session 4, so an older tree can run it for an A/B.
+
+Session 9, H100, int8 KV (``--quant-policy 8``), ms a step: session 4's tree 49.9 (attention kernel 28.1,
+SiLU·mul 0.22), before the fixes 58.3 (attention 37.7: the int8 decode kernel spilled; SiLU·mul 3.43: a
+program per 32 columns), with ``LMKILN_PDL=0`` the same.
 
 ``python scripts/experiments/throughput_profile.py --out DIR [--quant-policy 8] [--requests 400]``
 (on a GPU; see notes/kernels.md "Running on the device"), results to ``throughput_profile.json``.
@@ -48,7 +53,7 @@ def main() -> None:
         eng.step()
     torch.cuda.synchronize()
     shapes: list[dict[str, int]] = []
-    if a.record_shapes:  # what layer 0's attention gets in each profiled step (a host sync each: timing only)
+    if a.record_shapes:  # layer 0's attention inputs in each eager step (a host sync each: timing only)
         from lmkiln.engine.attention import TritonAttentionBackend
 
         attend = TritonAttentionBackend._attend
