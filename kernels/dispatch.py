@@ -232,8 +232,8 @@ def gate_up_silu(y: torch.Tensor) -> torch.Tensor:
     from lmkiln.kernels.fused import silu_mul
 
     check_gate_up_width(y.shape[-1])
-    # one program per row block, reading the interleaved columns in place (sessions 5-8 viewed each 32-column
-    # pair as a row: a program for 32 elements, 16x slower over a prefill chunk, notes/engine.md session 9)
+    # one program per row block, reading the interleaved columns in place (sessions 5-8 viewed each 64-column
+    # gate/up pair as a row, a program for 32 outputs: 16x slower at batch 256, notes/engine.md session 9)
     return silu_mul(y.contiguous(), interleave=GATE_UP_BLOCK)
 
 

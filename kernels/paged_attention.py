@@ -258,7 +258,7 @@ def _paged_attn_kernel(
         k_lo, k_hi = _load_kv(k_ptr, ksz_ptr, row, tv, offs_d, DH, BITS, CT)
         # fp16/bf16 decode: V's loads in flight with K's (small tiles; the NEW_KV row replaces V's too). Not
         # for quantized caches: two dequantized tiles at once spilled 560 bytes (int8, 2 warps) and made the
-        # batch-256 decode 34 % slower than after the softmax (notes/engine.md, session 9)
+        # batch-256 decode kernel 34 % slower than V loaded after the softmax (notes/engine.md, session 9)
         EARLY_V: tl.constexpr = DECODE and BITS == 0
         if EARLY_V:
             v_lo, v_hi = _load_kv(v_ptr, vsz_ptr, row, tv, offs_d, DH, BITS, CT)

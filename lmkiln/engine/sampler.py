@@ -72,11 +72,16 @@ def apply_filters(
     return logits.masked_fill(mask, float("-inf"))
 
 
+def _masks_stops(seq: Sequence) -> bool:
+    """Whether the sequence's stop tokens are masked this step (``min_tokens`` not reached yet)."""
+    p = seq.params
+    return bool(p.min_tokens and seq.num_output_tokens < p.min_tokens and seq.stop_ids)
+
+
 def _plain_greedy(seq: Sequence) -> bool:
     """Greedy with nothing to apply to the logits first and no logprobs to report."""
     p = seq.params
-    masks_stops = bool(p.min_tokens and seq.num_output_tokens < p.min_tokens and seq.stop_ids)
-    return p.greedy and not p.has_penalties and p.logprobs is None and not masks_stops
+    return p.greedy and not p.has_penalties and p.logprobs is None and not _masks_stops(seq)
 
 
 class Sampler:
@@ -113,7 +118,7 @@ class Sampler:
         raw_lp = logits.log_softmax(dim=-1) if any(n is not None for n in want_lp) else None
         logits = logits.clone()
         for i, s in enumerate(seqs):  # no stop token before min_tokens
-            if s.params.min_tokens and s.num_output_tokens < s.params.min_tokens and s.stop_ids:
+            if _masks_stops(s):
                 ids = [t for t in s.stop_ids if t < logits.shape[-1]]
                 logits[i, ids] = float("-inf")
         logits = apply_penalties(logits, seqs)
