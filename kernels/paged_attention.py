@@ -249,6 +249,10 @@ def _paged_attn_kernel(
     acc_lo = tl.zeros((BLOCK_M, BLOCK_DH), tl.float32)
     acc_hi = tl.zeros((BLOCK_M, BLOCK_DH), tl.float32)
     table = tables_ptr + b.to(tl.int64) * stride_bt
+    # fp16/bf16 decode: V's loads in flight with K's (small tiles; the NEW_KV row replaces V's too). Not
+    # for quantized caches: two dequantized tiles at once spilled 560 bytes (int8, 2 warps) and made the
+    # batch-256 decode kernel 34 % slower than V loaded after the softmax (notes/engine.md, session 9)
+    EARLY_V: tl.constexpr = DECODE and BITS == 0
     for start in tl.range(kv_lo, kv_hi, BLOCK_N, num_stages=NUM_STAGES):
         t = start + tl.arange(0, BLOCK_N)
         tv = t < kv_hi
@@ -256,10 +260,6 @@ def _paged_attn_kernel(
         tv = tv & (blk >= 0)
         row = (blk.to(tl.int64) * PAGE + t % PAGE) * Hk + hk
         k_lo, k_hi = _load_kv(k_ptr, ksz_ptr, row, tv, offs_d, DH, BITS, CT)
-        # fp16/bf16 decode: V's loads in flight with K's (small tiles; the NEW_KV row replaces V's too). Not
-        # for quantized caches: two dequantized tiles at once spilled 560 bytes (int8, 2 warps) and made the
-        # batch-256 decode kernel 34 % slower than V loaded after the softmax (notes/engine.md, session 9)
-        EARLY_V: tl.constexpr = DECODE and BITS == 0
         if EARLY_V:
             v_lo, v_hi = _load_kv(v_ptr, vsz_ptr, row, tv, offs_d, DH, BITS, CT)
         if NEW_KV:  # the new key is not read back from the cache (no ordering with the store above needed)
