@@ -7,12 +7,12 @@ Public API (the Triton module ``w4a16`` is imported lazily, so the CPU reference
     choose_config(m, n, k, group_size, dtype, device) / heuristic_config(...)      # tuned table or heuristic
     dequant_ref(qweight, sz, dtype) / w4a16_matmul_ref(x, qweight, sz, bias=None)  # pure-torch references
 
-Submodules: ``w4a16`` (kernels, launchers ``gemv``/``mma``/``dequant_mm``/``dequant``, ``KernelConfig``,
-``make_scratch``), ``dispatch``, ``reference``; tuned configurations live in ``kernels/tuned/<gpu>.json``.
-The engine's other kernels, each with a pure-torch reference: ``kv_cache`` (``write_kv``: paged KV write,
-int8/int4 quantization), ``paged_attention`` (``paged_decode`` split-KV, ``paged_prefill`` varlen with prefix
-hits; references in ``attention_ref``) and ``fused`` (``add_rmsnorm``/``rmsnorm``, in-place ``rotary_``,
-``silu_mul``).
+Submodules: ``w4a16`` (kernels, launchers ``gemv``/``fma``/``mma``/``mma_t``/``dequant_mm``/``dequant``,
+``KernelConfig``, ``make_scratch``), ``dispatch``, ``reference``; tuned configurations live in
+``kernels/tuned/<gpu>.json``. The engine's other kernels, each with a pure-torch reference: ``kv_cache``
+(``write_kv``: paged KV write, int8/int4 quantization), ``paged_attention`` (``paged_decode`` split-KV,
+``paged_prefill`` varlen with prefix hits; references in ``attention_ref``) and ``fused``
+(``add_rmsnorm``/``rmsnorm``, in-place ``rotary_``, ``silu_mul``).
 """
 
 from lmkiln.kernels.dispatch import choose_config, heuristic_config, w4a16_matmul, w4a16_mm

@@ -104,7 +104,10 @@ def _dot(a, b, F32: tl.constexpr):
         return tl.dot(a, b)
 
 
-@triton.jit
+# An eager step's block table is as wide as its longest sequence: without ``do_not_specialize`` Triton would
+# compile a variant for width 1, for multiples of 16 and for the rest, so a session's second turn (three
+# blocks after a one-block first turn) paid a new compile (scripts/experiments/session_compiles.py)
+@triton.jit(do_not_specialize=["stride_bt", "max_blocks"])
 def _paged_attn_kernel(
     q_ptr,
     k_ptr,

@@ -17,8 +17,10 @@ results is that of a plain stream; only the prologues overlap. A kernel launched
 previous one as usual, and a ``griddepcontrol`` instruction in a kernel launched without PDL does nothing.
 
 ``LMKILN_PDL=0`` turns it off (A/B); it is on where the device supports it (CUDA, compute capability >= 9,
-not the interpreter). A GEMV prefetches up to its tuned ``KernelConfig.prefetch_mb`` (else
-:data:`DEFAULT_PREFETCH_MB`) before its wait; ``LMKILN_PDL_PREFETCH_MB`` overrides that for all (0 = off).
+not the interpreter), except for the tensor-core ``mma_t`` GEMM (:func:`mma_t_enabled`;
+``LMKILN_PDL_MMA_T=1`` turns it on there). A GEMV prefetches up to its tuned ``KernelConfig.prefetch_mb``
+(else :data:`DEFAULT_PREFETCH_MB`) before its wait; ``LMKILN_PDL_PREFETCH_MB`` overrides that for all (0 =
+off).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from lmkiln.errors import KernelInputError
 
 PDL_ENV = "LMKILN_PDL"
 PREFETCH_ENV = "LMKILN_PDL_PREFETCH_MB"
+MMA_T_ENV = "LMKILN_PDL_MMA_T"
 # H100, 7B shape, batch 1 (notes/engine.md, session 6): the 128 linears as one graph took 1.885 ms without
 # PDL, 1.795 with PDL and no prefetch, 1.754 / 1.764 / 1.811 / 1.858 with 2 / 4 / 8 / 32 MiB; a decode step
 # 2.416 ms with 8 MiB, 2.317 with 2.
@@ -55,6 +58,18 @@ def enabled(device: torch.device) -> bool:
     if choice == "0" or device.type != "cuda" or interpreting():
         return False
     return _supports_pdl(device)
+
+
+def mma_t_enabled(device: torch.device) -> bool:
+    """Whether the swapped-operand tensor-core GEMM (``w4a16.mma_t``) launches with PDL: only with
+    ``LMKILN_PDL_MMA_T=1`` (and PDL on). Its programs hold ~155 registers and 30-40 KiB of shared memory
+    each; launched early they sat resident through the previous kernel. H100, 7B int4 decode steps
+    (notes/engine.md, session 10), ms, with / without: batch 4 3.40 / 3.00, 16 4.08 / 3.46, 64 6.27 / 6.08,
+    256 16.76 / 16.93."""
+    choice = os.environ.get(MMA_T_ENV, "").strip()
+    if choice not in ("", "0", "1"):
+        raise KernelInputError(f"{MMA_T_ENV}={choice!r}: use 1 (on), 0 (off, the default) or leave it unset")
+    return choice == "1" and enabled(device)
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,6 +1,6 @@
 """W4A16 Triton kernels over the ``lmkiln-w4-tiled`` layout (see ``lmkiln/quant/pack.py`` and docs/layout.md).
 
-Four kernels, each with a launcher that validates its inputs (the pure-torch references live in
+Five kernels, each with a launcher that validates its inputs (the pure-torch references live in
 ``reference.py``):
 
 * :func:`fma` -- small-M decode (1..8 rows per program) on the CUDA cores: each word is dequantized once with
@@ -14,6 +14,9 @@ Four kernels, each with a launcher that validates its inputs (the pure-torch ref
 * :func:`mma` -- tensor-core tiles ``[BLOCK_M, BLOCK_N]`` for any M, dequantizing each nibble slice in
   registers (``w = q*s + m``, one FMA) and feeding ``tl.dot`` either slice by slice (K=16 dots) or after
   joining the 8 slices into one ``[128, BLOCK_N]`` tile.
+* :func:`mma_t` -- the same with swapped operands, ``y^T = W^T x^T``: the dequantized weights are the
+  dot's first operand, which Hopper's ``wgmma`` takes from registers (no shared-memory round trip for the
+  weights), and the tokens are the MMA's N dimension (16..256 rows per tile).
 * :func:`dequant` -- writes ``W [K, N]`` in the activation dtype, for the "dequantize + cuBLAS" path that
   wins only for very large M.
 
@@ -43,7 +46,7 @@ from lmkiln.quant.pack import GATE_UP_BLOCK, PACK_K, PACK_N
 log = logging.getLogger(__name__)
 
 ACT_DTYPES = (torch.float16, torch.bfloat16)  # also in reference.py
-KERNEL_KINDS = ("gemv", "fma", "mma", "dequant_mm")
+KERNEL_KINDS = ("gemv", "fma", "mma", "mma_t", "dequant_mm")
 REDUCE_MODES = {"ordered": 0, "atomic": 1, "none": 2}  # fma's split-K reductions, see _finish_tile
 
 
@@ -108,10 +111,16 @@ def _halves(w, TP: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def _bcast_pair(v16, DT: tl.constexpr):
-    """``[BN]`` fp16 values -> ``[1, BN]`` int32 holding the value twice as a packed ``DT`` pair."""
+def _pair_bits(v16, DT: tl.constexpr):
+    """``[BN]`` fp16 values -> ``[BN]`` int32 holding the value twice as a packed ``DT`` pair."""
     h = v16.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return (h | (h << 16))[None, :]
+    return h | (h << 16)
+
+
+@triton.jit
+def _bcast_pair(v16, DT: tl.constexpr):
+    """``[BN]`` fp16 values -> ``[1, BN]`` packed ``DT`` pairs (a row broadcast over the tile)."""
+    return _pair_bits(v16, DT)[None, :]
 
 
 @triton.jit
@@ -756,6 +765,135 @@ def _mma_kernel(
     )
 
 
+@triton.jit
+def _slice_t(w, TP: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr, p1, p2, v1, v2,
+             OFFSET: tl.constexpr, USE_ASM: tl.constexpr):
+    """Slice ``TP`` of the words ``w [BN, 16]`` as the transposed weight tile ``W^T [BN, 32]`` (``q * s + m``;
+    p1/p2 the packed s/m pairs, v1/v2 the values, ``[BN, 1]``): column ``2r + h`` is half ``h`` of word
+    ``r``, the ``(k, k+1)`` pair an A fragment's register holds."""
+    lo, hi = _b_pair(w, TP, MAGIC, DT, CT, False, p1, p2, v1, v2, OFFSET, USE_ASM)
+    return tl.reshape(tl.join(lo, hi), (w.shape[0], 32))
+
+
+@triton.jit
+def _cat_k(a, b):
+    """``[BN, W]`` x2 -> ``[BN, 2W]``: ``b``'s columns after ``a``'s."""
+    BN: tl.constexpr = a.shape[0]
+    W: tl.constexpr = a.shape[1]
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (BN, 2 * W))
+
+
+@triton.jit(do_not_specialize=["M", "n_chunks", "SPLIT_K"])
+def _mma_t_kernel(
+    a_ptr,
+    qw_ptr,
+    sz_ptr,
+    c_ptr,
+    ws_ptr,
+    cnt_ptr,
+    M,
+    N,
+    KW,
+    n_chunks,
+    stride_am,
+    stride_cm,
+    SPLIT_K,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    JOIN: tl.constexpr,
+    PACK_N_: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Swapped operands: ``C^T [BLOCK_N, BLOCK_M] = W^T @ x^T``. The dequantized weights (``q * s + m`` in
+    the activation dtype) are the dot's *first* operand, which Hopper's wgmma reads from registers: each
+    slice's ``(k, k+1)`` nibble pair is already the register an A fragment holds, so the tile goes from the
+    word to the tensor cores without a shared-memory round trip. The activations (``x^T``, the second
+    operand) stream through shared memory. M (tokens) is the MMA's N dimension, so 16..256 rows fill it.
+    JOIN: one dot per group (``K = GROUP``) instead of one per 32-row slice (fewer waits on the MMAs)."""
+    pdl.wait(PDL)
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % grid_m  # the row tiles of one column tile run together (its weights stay in L2)
+    pid_n = pid // grid_m
+
+    DT: tl.constexpr = a_ptr.dtype.element_ty
+    if tl.bfloat16 == DT:
+        MAGIC: tl.constexpr = 0x43004300
+        OFFSET: tl.constexpr = 128.0
+    else:
+        MAGIC: tl.constexpr = 0x64006400
+        OFFSET: tl.constexpr = 1024.0
+    if DOT_F32:
+        CT: tl.constexpr = tl.float32  # interpreter only: numpy has no bf16 arithmetic
+    else:
+        CT: tl.constexpr = DT
+    SPG: tl.constexpr = GROUP // 32  # 32-row slices per group
+    NGC: tl.constexpr = 4 // SPG  # groups per 128-row chunk
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    a_cols = a_ptr + offs_m[None, :] * stride_am  # x^T: column j is activation row j
+    col = (offs_n // PACK_N_) * (KW * PACK_N_) + offs_n % PACK_N_
+    col = tl.max_contiguous(tl.multiple_of(col, PACK_N_), PACK_N_)
+    per = tl.cdiv(n_chunks, SPLIT_K)
+    c_lo = pid_k * per
+    c_hi = tl.minimum(c_lo + per, n_chunks)
+    w_ptrs = qw_ptr + col[:, None] + ((c_lo * 16 + tl.arange(0, 16)) * PACK_N_)[None, :]  # [BN, 16] words
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for c in tl.range(c_lo, c_hi, num_stages=NUM_STAGES):
+        w = tl.load(w_ptrs)
+        w_ptrs += 16 * PACK_N_
+        kb = c * 128
+        for j in tl.static_range(NGC):
+            s16, m16 = _load_sm(sz_ptr, (kb + j * 32 * SPG) // GROUP, N, offs_n)
+            p1 = _pair_bits(s16, DT)[:, None]
+            p2 = _pair_bits(m16, DT)[:, None]
+            v1 = s16.to(CT)[:, None]
+            v2 = m16.to(CT)[:, None]
+            if JOIN:
+                b = _slice_t(w, j * SPG, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM)
+                if SPG >= 2:
+                    b = _cat_k(b, _slice_t(w, j * SPG + 1, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM))
+                if SPG == 4:
+                    b23 = _cat_k(
+                        _slice_t(w, 2, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM),
+                        _slice_t(w, 3, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM),
+                    )
+                    b = _cat_k(b, b23)
+                k0 = kb + j * 32 * SPG
+                xt = tl.load(a_cols + (k0 + tl.arange(0, 32 * SPG))[:, None], mask=m_mask[None, :], other=0.0)
+                acc = _dot(b, xt, acc, DOT_F32)
+            else:
+                for u in tl.static_range(SPG):
+                    tp = j * SPG + u
+                    b = _slice_t(w, tp, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM)
+                    k0 = kb + 32 * tp
+                    xt = tl.load(a_cols + (k0 + tl.arange(0, 32))[:, None], mask=m_mask[None, :], other=0.0)
+                    acc = _dot(b, xt, acc, DOT_F32)
+    pdl.trigger(PDL)
+    local = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+    c_ptrs = c_ptr + offs_m[None, :] * stride_cm + offs_n[:, None]
+    _finish_tile(
+        acc,
+        c_ptrs,
+        m_mask[None, :],
+        local,
+        ws_ptr,
+        cnt_ptr,
+        pid,
+        pid_k,
+        SPLIT_K,
+        BLOCK_M * BLOCK_N,
+        0,
+        0,
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Dequantize to W [K, N] (for the dequantize + cuBLAS path at very large M)
 # ----------------------------------------------------------------------------------------------------------
@@ -1093,6 +1231,58 @@ def mma(
     return y
 
 
+def mma_t(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    sz: torch.Tensor,
+    zeros: torch.Tensor | None,
+    cfg: KernelConfig,
+    scratch: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y [M, N] = x [M, K] @ W`` on the tensor cores with swapped operands (``y^T = W^T x^T``): tiles of
+    ``cfg.block_n`` weight columns x ``cfg.block_m`` activation rows, split-K. ``zeros`` is not read (the
+    weights are dequantized to ``q * s + m``)."""
+    m, n, k, g = check_inputs(x, qweight, sz)
+    _check_tile(n, cfg.block_n, "mma_t")
+    if cfg.block_n < 64 or cfg.block_n & (cfg.block_n - 1):
+        raise QuantConfigError(f"mma_t block_n must be a power of two >= 64, got {cfg.block_n}")
+    if cfg.block_m < 16 or cfg.block_m & (cfg.block_m - 1):
+        raise QuantConfigError(f"mma_t block_m must be a power of two >= 16, got {cfg.block_m}")
+    n_chunks = k // PACK_K
+    y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
+    tiles = triton.cdiv(m, cfg.block_m) * (n // cfg.block_n)
+    split, cnt, ws = _plan_split(cfg.split_k, n_chunks, tiles, cfg.block_m * cfg.block_n, scratch, x.device)
+    on = pdl.mma_t_enabled(x.device)
+    _mma_t_kernel[(tiles, split)](
+        x,
+        qweight,
+        sz,
+        y,
+        ws,
+        cnt,
+        m,
+        n,
+        k // 8,
+        n_chunks,
+        x.stride(0),
+        y.stride(0),
+        split,
+        GROUP=g,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        JOIN=cfg.join,
+        PACK_N_=PACK_N,
+        NUM_STAGES=cfg.num_stages,
+        DOT_F32=pdl.interpreting() and x.dtype == torch.bfloat16,
+        USE_ASM=not pdl.interpreting(),
+        PDL=on,
+        num_warps=cfg.num_warps,
+        **pdl.launch_opts(on),
+    )
+    return y
+
+
 def dequant(
     qweight: torch.Tensor,
     sz: torch.Tensor,
@@ -1138,4 +1328,4 @@ def dequant_mm(
     return torch.matmul(x, w)
 
 
-LAUNCHERS = {"gemv": gemv, "fma": fma, "mma": mma, "dequant_mm": dequant_mm}
+LAUNCHERS = {"gemv": gemv, "fma": fma, "mma": mma, "mma_t": mma_t, "dequant_mm": dequant_mm}

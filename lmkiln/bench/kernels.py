@@ -279,14 +279,102 @@ def candidate_configs(m: int, n: int, k: int) -> list:
                         join=True,
                     )
                 )
+    if m >= 4:
+        out += mma_t_candidates(m, n, k)
     if m >= 64:
         out.append(KernelConfig(kind="dequant_mm", block_n=64, num_warps=4))
+    return out
+
+
+def _wave_splits(tiles: int, n_chunks: int) -> list[int]:
+    """split-K values that make a launch of ``tiles`` tiles about 1, 2 or 3 waves of 132 programs."""
+    return sorted({max(1, min(n_chunks, 16, round(w * 132 / tiles))) for w in (1, 2, 3)})
+
+
+def mma_t_candidates(m: int, n: int, k: int) -> list:
+    """Swapped-operand tensor-core tiles (kind ``mma_t``): ``block_m`` tokens per tile (the MMA's N: the
+    next power of two of M up to 32, else 32-128), 64..256 weight columns (the MMA's M: one or two
+    warpgroups), pipelining depth 2-4, one dot per group or per slice, split-K for 1-3 waves."""
+    from lmkiln.kernels.w4a16 import KernelConfig
+
+    if m <= 32:
+        bms = [max(16, 1 << (m - 1).bit_length())]
+    elif m <= 64:
+        bms = [32, 64]
+    else:
+        bms = [64, 128]
+    out = []
+    for bm in bms:
+        for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 8)):
+            if n % bn or (bm == 128 and warps == 4):  # 128 x 128 in one warpgroup spills
+                continue
+            for st in (3, 4) if bm <= 32 else (2, 3):
+                for join in (True, False):
+                    for sk in _wave_splits((n // bn) * -(-m // bm), k // 128):
+                        out.append(
+                            KernelConfig(
+                                kind="mma_t",
+                                block_m=bm,
+                                block_n=bn,
+                                split_k=sk,
+                                num_warps=warps,
+                                num_stages=st,
+                                join=join,
+                                zfold=False,
+                            )
+                        )
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _compile_key(cfg) -> tuple:
+    """What decides a candidate's compiled variant: its config with split-K rounded to the power of two that
+    the gemv / fma launchers pass as a constexpr (mma kernels do not specialise on it)."""
+    split = 1 << (max(1, cfg.split_k) - 1).bit_length() if cfg.kind in ("gemv", "fma") else 1
+    return tuple(sorted(dataclasses.replace(cfg, split_k=split).to_dict().items()))
+
+
+def _warm_worker(job: tuple[list[dict[str, Any]], int, str]) -> int:
+    """Launch each config once on the ``o`` shape (every 7B shape specialises alike: N and K/8 are multiples
+    of 16), so that Triton compiles it into its on-disk cache. Returns how many launched."""
+    from lmkiln.kernels.w4a16 import LAUNCHERS, KernelConfig, make_scratch
+
+    configs, group_size, dtype_name = job
+    dev = torch.device("cuda")
+    k, n = LLAMA2_7B_SHAPES["o"]
+    w = make_weights(k, n, group_size, dev)
+    scratch = make_scratch(dev)
+    xs = {m: torch.randn(m, k, device=dev, dtype=getattr(torch, dtype_name)) for m in (1, 16)}
+    done = 0
+    for d in configs:
+        cfg = KernelConfig.from_dict(d)
+        try:
+            LAUNCHERS[cfg.kind](xs[1 if cfg.kind == "gemv" else 16], w.qweight, w.sz, w.zeros, cfg, scratch)
+            done += 1
+        except Exception as e:  # the timing loop records the failure against its shape
+            log.debug("warm-up of %s failed: %r", cfg, e)
+    torch.cuda.synchronize()
+    return done
+
+
+def warm_compile(configs: Sequence[Any], group_size: int, dtype: torch.dtype, workers: int) -> float:
+    """Compile the distinct variants among ``configs`` in ``workers`` spawned processes; returns seconds."""
+    import concurrent.futures
+    import multiprocessing
+
+    t0 = time.time()
+    uniq = list({_compile_key(c): c.to_dict() for c in configs}.values())
+    jobs = [(uniq[i::workers], group_size, str(dtype).replace("torch.", "")) for i in range(workers)]
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        done = sum(pool.map(_warm_worker, [j for j in jobs if j[0]]))
+    took = time.time() - t0
+    log.info("compiled %d of %d kernel variants in %d processes: %.0f s", done, len(uniq), workers, took)
+    return took
 
 
 def _check(y: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
@@ -311,10 +399,15 @@ def run(
     baselines: bool = True,
     plot: bool = True,
     graphs: bool = True,
+    kinds: Sequence[str] | None = None,
+    compile_workers: int = 0,
 ) -> dict[str, Any]:
     """Measure everything on the current CUDA device; write ``kernels.json`` (+ PNG) under ``out_dir``.
 
-    ``graphs``: time CUDA-graph replays (GPU time; see ``_graphed``) instead of eager calls."""
+    ``graphs``: time CUDA-graph replays (GPU time; see ``_graphed``) instead of eager calls. ``kinds``: tune
+    only the candidates of these kernel kinds, against the dispatcher's current choice (which stays where
+    none beats it). ``compile_workers`` > 1: compile every candidate in that many processes first (Triton's
+    on-disk cache then serves the timing loop)."""
     import triton
 
     from lmkiln.kernels import dispatch, w4a16
@@ -352,6 +445,17 @@ def run(
         "tune": [],
     }
     tuned_entries: list[dict[str, Any]] = []
+
+    def cands_for(m: int, n: int, k: int) -> list:
+        cands = candidate_configs(m, n, k)
+        if kinds is None:
+            return cands
+        current = dispatch.choose_config(m, n, k, group_size, dtype, dev)
+        return [current] + [c for c in cands if c.kind in kinds and c != current]
+
+    if tune and compile_workers > 1:
+        todo = [c for sn in shapes for m in ms for c in cands_for(m, *reversed(LLAMA2_7B_SHAPES[sn]))]
+        report["compile_warmup_s"] = warm_compile(todo, group_size, dtype, compile_workers)
     for sname in shapes:
         k, n = LLAMA2_7B_SHAPES[sname]
         copies = 2  # with do_bench's L2 flush, no weight is L2-resident when a call starts
@@ -370,7 +474,7 @@ def run(
             # ---- tune
             if tune:
                 best = None
-                for cfg in candidate_configs(m, n, k):
+                for cfg in cands_for(m, n, k):
                     try:
                         y = w4a16.LAUNCHERS[cfg.kind](
                             xs[0], ws[0].qweight, ws[0].sz, ws[0].zeros, cfg, scratch
@@ -499,9 +603,34 @@ def targets(sums: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _entry_key(e: dict[str, Any]) -> tuple:
+    return (int(e["n"]), int(e["k"]), int(e["group_size"]), str(e["dtype"]), int(e["m_max"]))
+
+
+def merge_entries(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The entries of a tuned table after a run: ``new`` replaces the ``old`` entry of the same shape, dtype
+    and ``m_max``; every other old entry stays (a run over some shapes or M keeps the rest of the table)."""
+    merged = {_entry_key(e): e for e in old}
+    merged.update({_entry_key(e): e for e in new})
+    return [merged[key] for key in sorted(merged)]
+
+
 def write_tuned(path: Path, device_name: str, entries: list[dict[str, Any]], report: dict[str, Any]) -> None:
+    """Write (atomically) the tuned table at ``path``, merged into the one already there for this device."""
     from lmkiln.artifact import write_json_atomic
     from lmkiln.quant.pack import LAYOUT, LAYOUT_VERSION
+
+    old: list[dict[str, Any]] = []
+    if path.is_file():
+        try:
+            prev = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise QuantConfigError(f"tuned table {path} is unreadable ({e}); move it away and re-run") from e
+        if prev.get("device") == device_name:
+            old = list(prev.get("entries", []))
+        else:
+            log.warning("%s was tuned on %r, not %r: replacing it", path, prev.get("device"), device_name)
+    entries = merge_entries(old, entries)
 
     write_json_atomic(
         path,
@@ -624,7 +753,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     p.add_argument("--tune", action="store_true", help="time candidate configs first and write a tuned table")
     p.add_argument(
-        "--tuned-out", type=Path, default=None, help="where --tune writes (default kernels/tuned/<gpu>.json)"
+        "--tuned-out",
+        type=Path,
+        default=None,
+        help="where --tune writes (default kernels/tuned/<gpu>.json); entries of shapes and M not timed in "
+        "this run are kept",
+    )
+    p.add_argument(
+        "--kinds",
+        nargs="+",
+        default=None,
+        choices=("gemv", "fma", "mma", "mma_t", "dequant_mm"),
+        help="with --tune: time only these kernel kinds against the current table's choice (which is kept "
+        "where none beats it)",
+    )
+    p.add_argument(
+        "--compile-workers",
+        type=int,
+        default=0,
+        help="with --tune: compile the candidates in this many processes before timing (0: compile as they "
+        "are timed)",
     )
     p.add_argument("--rep-ms", type=int, default=60, help="do_bench repetition time per measurement")
     p.add_argument("--no-baselines", action="store_true", help="skip fp16 / tinygemm")
@@ -652,6 +800,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             not args.no_baselines,
             not args.no_plot,
             not args.eager,
+            args.kinds,
+            args.compile_workers,
         )
 
     return report_main(produce, format_table)

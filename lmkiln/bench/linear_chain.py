@@ -12,9 +12,10 @@ run. Results go to ``linear_chain.json``.
 prefetch budget in MiB (``lmkiln.kernels.pdl``), into ``row["pdl"]``.
 
 ``--sweep`` picks launch configurations the same way: for each shape, ``--layers`` distinct weights in one
-graph, every ``fma`` candidate of ``lmkiln bench kernels --tune`` (plus the dispatcher's current choice and
-tinygemm), microseconds per call, to ``linear_chain_sweep.json``. A GEMM timed alone pays its launch, ramp
-and tail in full; inside a forward they overlap, so the winners differ (notes/kernels.md, "Session 5").
+graph, every candidate of ``--kinds`` (default ``fma``) of ``lmkiln bench kernels --tune`` (plus the
+dispatcher's current choice and tinygemm), microseconds per call, to ``linear_chain_sweep.json``. A GEMM timed
+alone pays its launch, ramp and tail in full; inside a forward they overlap, so the winners differ
+(notes/kernels.md, "Session 5").
 """
 
 from __future__ import annotations
@@ -154,7 +155,14 @@ def _write_report(path: Path, bw: float, layers: int, group_size: int, **results
 
 
 def _sweep_shape(
-    name: str, seed: int, ms: Sequence[int], layers: int, group_size: int, rep_ms: int, bw: float
+    name: str,
+    seed: int,
+    ms: Sequence[int],
+    layers: int,
+    group_size: int,
+    rep_ms: int,
+    bw: float,
+    kinds: Sequence[str] = ("fma",),
 ) -> dict[str, Any]:
     from lmkiln.bench.kernels import candidate_configs
     from lmkiln.kernels import dispatch
@@ -178,7 +186,7 @@ def _sweep_shape(
     for m in ms:
         x = torch.randn(m, k, device=dev, dtype=torch.float16)
         current = dispatch.choose_config(m, n, k, group_size, torch.float16, dev)
-        cands = [current] + [c for c in candidate_configs(m, n, k) if c.kind == "fma" and c != current]
+        cands = [current] + [c for c in candidate_configs(m, n, k) if c.kind in kinds and c != current]
         rows = [
             {"config": c.to_dict(), "us": _graph_ms(functools.partial(ours, x, c), rep_ms) / layers * 1e3}
             for c in cands
@@ -197,15 +205,21 @@ def _sweep_shape(
 
 
 def sweep(
-    out_dir: Path, ms: Sequence[int], layers: int = LLAMA2_7B_LAYERS, group_size: int = 128, rep_ms: int = 50
+    out_dir: Path,
+    ms: Sequence[int],
+    layers: int = LLAMA2_7B_LAYERS,
+    group_size: int = 128,
+    rep_ms: int = 50,
+    kinds: Sequence[str] = ("fma",),
 ) -> dict[str, Any]:
-    """Per shape and M: every fma candidate timed in a chain of ``layers`` distinct weights (us per call)."""
+    """Per shape and M: every candidate of ``kinds`` timed in a chain of ``layers`` distinct weights (us per
+    call)."""
     if not torch.cuda.is_available():
         raise QuantConfigError("bench linear_chain --sweep needs a CUDA GPU (none is visible)")
     bw = copy_bandwidth_gbps(torch.device("cuda"))
     shapes = {}
     for j, name in enumerate(ORDER):
-        shapes[name] = _sweep_shape(name, j, ms, layers, group_size, rep_ms, bw)
+        shapes[name] = _sweep_shape(name, j, ms, layers, group_size, rep_ms, bw, kinds)
         torch.cuda.empty_cache()
     return _write_report(out_dir / "linear_chain_sweep.json", bw, layers, group_size, shapes=shapes)
 
@@ -260,11 +274,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--pdl", nargs="+", default=[], metavar="VARIANT",
         help="also time ours with PDL 'off' and on with each prefetch budget in MiB, e.g. --pdl off 0 8",
     )
-    p.add_argument("--sweep", action="store_true", help="time each fma candidate per shape, in a chain")
+    p.add_argument("--sweep", action="store_true", help="time each candidate per shape, in a chain")
+    p.add_argument(
+        "--kinds", nargs="+", default=["fma"], choices=("gemv", "fma", "mma", "mma_t", "dequant_mm"),
+        help="kernel kinds --sweep times (beside the dispatcher's current choice)",
+    )
     args = p.parse_args(argv)
     if args.sweep:
         return report_main(
-            lambda: sweep(args.out, args.m, args.layers, args.group_size, min(args.rep_ms, 50)), format_sweep
+            lambda: sweep(args.out, args.m, args.layers, args.group_size, min(args.rep_ms, 50), args.kinds),
+            format_sweep,
         )
     return report_main(
         lambda: run(

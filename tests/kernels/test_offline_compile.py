@@ -6,10 +6,12 @@ PTX, programmatic dependent launch). So CI compiles, ahead of time and all with 
 int8 and int4 variants (with the fused rotary), the int4 decode kernel (with attention sinks and the
 in-kernel split merge), the int8 decode kernel of large batches, the fp16-cache decode kernel that writes the
 step's K/V itself from a float32 accumulator, the fp16 ``fma`` GEMV with its SiLU epilogue and L2 prefetch,
-the norm kernel consuming a float32 accumulator, and the rotary kernel; in a subprocess without
+the norm kernel consuming a float32 accumulator, the swapped-operand tensor-core GEMM (whose weights must
+reach ``wgmma`` from registers), and the rotary kernel; in a subprocess without
 ``TRITON_INTERPRET`` (the interpreter replaces the jit functions at import). The quantized decode kernels
-must also compile without register spills (``ptxas -v``): a spilling int8 decode kernel made the batch-256
-steps of a throughput run a third slower (session 9). Skipped where Triton has no CUDA backend or ptxas."""
+and the GEMM must also compile without register spills (``ptxas -v``): a spilling int8 decode kernel made
+the batch-256 steps of a throughput run a third slower (session 9). Skipped where Triton has no CUDA
+backend or ptxas."""
 
 from __future__ import annotations
 
@@ -32,10 +34,11 @@ except ImportError as e:
 from lmkiln.kernels.fused import _rmsnorm_kernel, _rotary_kernel
 from lmkiln.kernels.kv_cache import _write_kv_kernel
 from lmkiln.kernels.paged_attention import _paged_attn_kernel
-from lmkiln.kernels.w4a16 import _fma_kernel
+from lmkiln.kernels.w4a16 import _fma_kernel, _mma_t_kernel
 
 kind = sys.argv[1]
 options = {"num_warps": 2}
+div16 = []  # integer arguments a real launch passes as multiples of 16 (Triton specialises on that)
 if kind == "fma":  # M=1 fp16 gate/up with the SiLU epilogue, split-K 4, PDL with an L2 prefetch
     fn, name = _fma_kernel, "_fma_kernel"
     ptrs = {"x_ptr": "*fp16", "xp_ptr": "*i32", "qw_ptr": "*i32", "sz_ptr": "*fp16", "szp_ptr": "*i32",
@@ -46,6 +49,19 @@ if kind == "fma":  # M=1 fp16 gate/up with the SiLU epilogue, split-K 4, PDL wit
               "REDUCE": 0}
     sig = {**ptrs, **{k: "i32" for k in ints}, **{k: "constexpr" for k in consts}}
     options["enable_fp_fusion"] = False
+elif kind in ("mma_t16", "mma_t128"):
+    # swapped-operand tensor-core GEMM: 16 tokens x 128 columns, one warpgroup, one dot per group (decode
+    # batches <= 16), and 128 x 256 over two warpgroups (the batch-256 decode / prefill tile)
+    fn, name = _mma_t_kernel, "_mma_t_kernel"
+    ptrs = {"a_ptr": "*fp16", "qw_ptr": "*i32", "sz_ptr": "*fp16", "c_ptr": "*fp16", "ws_ptr": "*fp32",
+            "cnt_ptr": "*i32"}
+    ints = ["M", "N", "KW", "n_chunks", "stride_am", "stride_cm", "SPLIT_K"]
+    big = kind == "mma_t128"
+    consts = {"GROUP": 128, "BLOCK_M": 128 if big else 16, "BLOCK_N": 256 if big else 128, "JOIN": True,
+              "PACK_N_": 32, "NUM_STAGES": 3, "DOT_F32": False, "USE_ASM": True, "PDL": True}
+    sig = {**ptrs, **{k: "i32" for k in ints}, **{k: "constexpr" for k in consts}}
+    options["num_warps"] = 8 if big else 4
+    div16 = ["N", "KW", "stride_am", "stride_cm"]  # every Llama shape: N, K / 8 and the row strides
 elif kind == "norm":  # add + RMSNorm, hidden 4096, consuming a float32 split-K accumulator
     fn, name = _rmsnorm_kernel, "_rmsnorm_kernel"
     ptrs = {"x_ptr": "*fp32", **{k: "*fp16" for k in ("r_ptr", "w_ptr", "y_ptr", "ro_ptr")}}
@@ -98,7 +114,7 @@ else:
               "BLOCK_HQ": 64, "HALF": 64}
 try:
     # 16-byte aligned pointers, as torch allocates them (the register counts then match a real launch)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if sig[n].startswith("*")}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if sig[n][0] == "*" or n in div16}
     k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=options)
 except FileNotFoundError as e:  # no ptxas
     print("SKIP", e); sys.exit(0)
@@ -109,7 +125,12 @@ elif "griddepcontrol.wait" not in ptx or "griddepcontrol.launch_dependents" not 
     print("NO PDL")
 elif kind == "fma" and "prefetch.global.L2" not in ptx:
     print("NO PREFETCH")
-elif kind in ("attn4", "attn8"):  # quantized decode: spills cost the batch-256 decode a third (session 9)
+elif kind.startswith("mma_t") and ("wgmma.mma_async" not in ptx or not all(
+    # wgmma's A operand (the weights) a register list, not a shared-memory descriptor
+    line.split("}, ", 1)[1].startswith("{") for line in ptx.splitlines() if "wgmma.mma_async" in line
+)):
+    print("NO WGMMA WITH THE WEIGHTS IN REGISTERS")
+elif kind in ("attn4", "attn8") or kind.startswith("mma_t"):  # no spills (attention: session 9)
     import re, subprocess, tempfile
     from triton.backends.nvidia.compiler import get_ptxas
     with tempfile.TemporaryDirectory() as d:
@@ -123,7 +144,9 @@ else:
 """
 
 
-@pytest.mark.parametrize("kind", ["8", "4", "attn4", "attn8", "attn16", "fma", "norm", "rotary"])
+@pytest.mark.parametrize(
+    "kind", ["8", "4", "attn4", "attn8", "attn16", "fma", "mma_t16", "mma_t128", "norm", "rotary"]
+)
 def test_kernels_compile_for_sm90(kind) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run(

@@ -34,6 +34,19 @@ def test_bad_switch_is_an_error(monkeypatch: pytest.MonkeyPatch, value: str) -> 
         pdl.enabled(torch.device("cpu"))
 
 
+def test_mma_t_launches_without_pdl_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(pdl.MMA_T_ENV, raising=False)
+    monkeypatch.delenv(pdl.PDL_ENV, raising=False)
+    assert pdl.mma_t_enabled(torch.device("cuda", 0)) is False  # the default: no CUDA call needed
+    monkeypatch.setenv(pdl.MMA_T_ENV, "1")
+    assert pdl.mma_t_enabled(torch.device("cpu")) is False  # asked for, but PDL itself is off here
+    monkeypatch.setenv(pdl.PDL_ENV, "0")
+    assert pdl.mma_t_enabled(torch.device("cuda", 0)) is False
+    monkeypatch.setenv(pdl.MMA_T_ENV, "on")
+    with pytest.raises(KernelInputError, match="LMKILN_PDL_MMA_T"):
+        pdl.mma_t_enabled(torch.device("cpu"))
+
+
 def test_prefetch_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(pdl.PREFETCH_ENV, raising=False)
     assert pdl.prefetch_bytes() == int(pdl.DEFAULT_PREFETCH_MB * 2**20)

@@ -68,6 +68,44 @@ def test_mma_matches_reference(make_packed, m, k, n, g, dtype, zfold, join, spli
 
 
 @pytest.mark.parametrize(
+    ("m", "k", "n", "g", "dtype", "join", "split", "bm", "bn"),
+    [
+        (1, 256, 64, 32, torch.float16, True, 1, 16, 64),
+        (5, 384, 128, 64, torch.float16, True, 2, 16, 64),
+        (17, 128, 128, 128, torch.bfloat16, True, 1, 16, 128),
+        (3, 256, 64, 128, torch.bfloat16, False, 3, 16, 64),
+        (33, 256, 192, 64, torch.float16, False, 1, 32, 64),
+        (40, 384, 64, 128, torch.float16, True, 2, 16, 64),
+    ],
+)
+def test_mma_t_matches_reference(make_packed, m, k, n, g, dtype, join, split, bm, bn):
+    """Swapped operands: odd M (masked activation columns), several row tiles, split-K with a short last
+    split, every group size, JOIN on and off."""
+    w4a16 = _w4a16()
+    p = make_packed(k, n, g, seed=m + 7)
+    x = torch.randn(m, k).to(dtype)
+    cfg = w4a16.KernelConfig(kind="mma_t", block_m=bm, block_n=bn, split_k=split, join=join)
+    scratch = w4a16.make_scratch("cpu", 64)
+    y = w4a16.mma_t(x, p["qweight"], p["sz"], None, cfg, scratch)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert _rel(y, w4a16_matmul_ref(x, p["qweight"], p["sz"])) < TOL[dtype]
+    assert int(scratch.abs().sum()) == 0
+
+
+def test_mma_t_rejects_bad_tiles(make_packed):
+    w4a16 = _w4a16()
+    p = make_packed(128, 96, 128, seed=1)
+    x = torch.randn(4, 128, dtype=torch.float16)
+    with pytest.raises(QuantConfigError, match="multiple of the tile"):
+        w4a16.mma_t(x, p["qweight"], p["sz"], None, w4a16.KernelConfig(kind="mma_t", block_n=64))
+    p = make_packed(128, 64, 128, seed=1)
+    with pytest.raises(QuantConfigError, match="block_n must be a power of two >= 64"):
+        w4a16.mma_t(x, p["qweight"], p["sz"], None, w4a16.KernelConfig(kind="mma_t", block_n=32))
+    with pytest.raises(QuantConfigError, match="block_m must be a power of two >= 16"):
+        w4a16.mma_t(x, p["qweight"], p["sz"], None, w4a16.KernelConfig(kind="mma_t", block_m=8, block_n=64))
+
+
+@pytest.mark.parametrize(
     ("m", "k", "n", "g", "dtype", "bm", "bn", "warps", "split", "chunks", "flush"),
     [
         (1, 256, 64, 128, torch.float16, 1, 64, 2, 1, 1, 2),
@@ -218,9 +256,18 @@ def test_dispatch_cpu_uses_reference_and_validates(make_packed):
     torch.testing.assert_close(y, w4a16_matmul_ref(x, p["qweight"], p["sz"]))
     with pytest.raises(QuantConfigError, match="contiguous"):
         w4a16_matmul(x.transpose(0, 1), p["qweight"], p["sz"])
-    for m in (1, 16, 64, 256, 4096):
+    kinds = {}
+    for m in (1, 2, 3, 16, 64, 256, 257, 4096):
         cfg = heuristic_config(m, 22016, 4096, 128)
         assert 22016 % cfg.block_n == 0 and cfg.split_k >= 1
+        kinds[m] = cfg.kind
+    tc = {3: "mma_t", 16: "mma_t", 64: "mma_t", 256: "mma_t"}
+    assert kinds == {1: "fma", 2: "fma", **tc, 257: "dequant_mm", 4096: "dequant_mm"}
+    assert heuristic_config(1, 4096, 4096, 128, fma=False).kind == "gemv"  # bf16
+    assert heuristic_config(2, 4096, 4096, 128, fma=False).kind == "mma_t"
+    assert heuristic_config(16, 4096 + 32, 4096, 128).kind == "mma"  # N not a multiple of mma_t's 64 columns
+    t = heuristic_config(40, 4096, 4096, 128)
+    assert (t.block_m, t.join) == (64, False) and heuristic_config(20, 4096, 4096, 128).block_m == 32
 
 
 def test_dispatch_interpreter_path_matches(make_packed):
@@ -286,8 +333,9 @@ def test_tuned_table_lookup(tmp_path, monkeypatch):
         assert dispatch.choose_config(1, 64, 128, 128, torch.float16, cpu).kind == "gemv"
         assert dispatch.choose_config(7, 64, 128, 128, torch.bfloat16, cpu).block_m == 32
         assert dispatch.choose_config(4096, 64, 128, 128, torch.float16, cpu).block_m == 32  # largest entry
-        assert dispatch.choose_config(7, 96, 128, 128, torch.float16, cpu).kind == "fma"  # heuristic
-        assert dispatch.choose_config(9, 96, 128, 128, torch.float16, cpu).kind == "mma"
+        assert dispatch.choose_config(2, 96, 128, 128, torch.float16, cpu).kind == "fma"  # heuristic
+        assert dispatch.choose_config(9, 128, 128, 128, torch.float16, cpu).kind == "mma_t"
+        assert dispatch.choose_config(9, 96, 128, 128, torch.float16, cpu).kind == "mma"  # N % 64 != 0
     finally:
         dispatch.load_tuned.cache_clear()
 
