@@ -138,7 +138,9 @@ def _b_pair(
     OFFSET: tl.constexpr,
     USE_ASM: tl.constexpr,
 ):
-    """Slice ``TP`` of B as two ``[16, BN]`` halves (rows 2r, 2r+1).
+    """Slice ``TP`` of the words ``w`` as two halves holding rows 2r and 2r+1 of the slice (``w`` is
+    ``[16, BN]``, or ``[BN, 16]`` for the transposed tile of :func:`_slice_t`; p1/p2, v1/v2 broadcast over
+    it).
 
     ZFOLD: ``q - z`` (p1 = packed OFFSET + z; v1 = OFFSET + z). Otherwise ``q * s + m`` (p1/p2 = packed s/m;
     v1/v2 = s/m). With USE_ASM the arithmetic is one packed ``sub``/``fma`` on the magic word itself, which
@@ -861,8 +863,8 @@ def _mma_t_kernel(
                     b = _cat_k(b, _slice_t(w, j * SPG + 1, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM))
                 if SPG == 4:
                     b23 = _cat_k(
-                        _slice_t(w, 2, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM),
-                        _slice_t(w, 3, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM),
+                        _slice_t(w, j * SPG + 2, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM),
+                        _slice_t(w, j * SPG + 3, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM),
                     )
                     b = _cat_k(b, b23)
                 k0 = kb + j * 32 * SPG

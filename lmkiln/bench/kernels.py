@@ -279,7 +279,7 @@ def candidate_configs(m: int, n: int, k: int) -> list:
                         join=True,
                     )
                 )
-    if m >= 4:
+    if m >= 2:
         out += mma_t_candidates(m, n, k)
     if m >= 64:
         out.append(KernelConfig(kind="dequant_mm", block_n=64, num_warps=4))
