@@ -956,6 +956,11 @@ def _check_tile(n: int, block_n: int, what: str) -> None:
         )
 
 
+def _check_pow2(value: int, least: int, what: str) -> None:
+    if value < least or value & (value - 1):
+        raise QuantConfigError(f"{what} must be a power of two >= {least}, got {value}")
+
+
 def _check_scratch(scratch: torch.Tensor | None, tiles: int, device: torch.device) -> torch.Tensor:
     if scratch is None:
         return torch.zeros(tiles, dtype=torch.int32, device=device)
@@ -1193,8 +1198,7 @@ def mma(
             "the zero-folding mma mode needs the packed `zeros` tensor; pass it or use zfold=False"
         )
     _check_tile(n, cfg.block_n, "mma")
-    if cfg.block_m < 16 or cfg.block_m & (cfg.block_m - 1):
-        raise QuantConfigError(f"mma block_m must be a power of two >= 16, got {cfg.block_m}")
+    _check_pow2(cfg.block_m, 16, "mma block_m")
     n_chunks = k // PACK_K
     y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(m, cfg.block_m) * (n // cfg.block_n)
@@ -1247,10 +1251,8 @@ def mma_t(
     weights are dequantized to ``q * s + m``)."""
     m, n, k, g = check_inputs(x, qweight, sz)
     _check_tile(n, cfg.block_n, "mma_t")
-    if cfg.block_n < 64 or cfg.block_n & (cfg.block_n - 1):
-        raise QuantConfigError(f"mma_t block_n must be a power of two >= 64, got {cfg.block_n}")
-    if cfg.block_m < 16 or cfg.block_m & (cfg.block_m - 1):
-        raise QuantConfigError(f"mma_t block_m must be a power of two >= 16, got {cfg.block_m}")
+    _check_pow2(cfg.block_n, 64, "mma_t block_n")
+    _check_pow2(cfg.block_m, 16, "mma_t block_m")
     n_chunks = k // PACK_K
     y = out if out is not None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(m, cfg.block_m) * (n // cfg.block_n)
