@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 # the heuristic's first M for the swapped-operand tensor-core tiles: on the H100 they beat ``fma`` from M=4 on
-# for most 7B shapes (`lmkiln bench kernels --tune --kinds mma_t`, notes/kernels.md, session 10)
+# for most 7B shapes (`lmkiln bench kernels --tune --kinds mma_t`, notes/kernels.md, session 10); M=3 (not
+# measured) goes with 4, which shares its 16-token tile
 MMA_T_MIN_M = 3
 ATOMIC_ENV = "LMKILN_ATOMIC_SPLITK"
 # H100, 7B shape (notes/engine.md, session 7): atomic o / down GEMVs took the batch-1 decode step from 2.31 to

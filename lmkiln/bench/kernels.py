@@ -339,8 +339,9 @@ def _compile_key(cfg) -> tuple:
 
 
 def _warm_worker(job: tuple[list[dict[str, Any]], int, str]) -> int:
-    """Launch each config once on the ``o`` shape (every 7B shape specialises alike: N and K/8 are multiples
-    of 16), so that Triton compiles it into its on-disk cache. Returns how many launched."""
+    """Launch each config once on the ``o`` shape (the 7B shapes specialise alike: N and K/8 are multiples
+    of 16; only ``fma``'s L2-prefetch rows depend on N, so its variants for other shapes may compile again),
+    so that Triton compiles it into its on-disk cache. Returns how many launched."""
     from lmkiln.kernels.w4a16 import LAUNCHERS, KernelConfig, make_scratch
 
     configs, group_size, dtype_name = job

@@ -28,6 +28,8 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("g", [32, 64, 128])
 def test_all_kernels_real_shapes(make_packed, dtype, g):
+    """Every kernel kind at the qkv and down shapes: partial row tiles, split-K, every output written. The
+    swapped-operand ``mma_t`` gets no zero points (it dequantizes ``q * s + m``)."""
     from lmkiln.kernels import w4a16
 
     tol = 2e-3 if dtype == torch.float16 else 1e-2
@@ -35,6 +37,7 @@ def test_all_kernels_real_shapes(make_packed, dtype, g):
     for k, n in SHAPES:
         p = make_packed(k, n, g, seed=k, device="cuda")
         fma = functools.partial(w4a16.KernelConfig, kind="fma", num_stages=1)
+        t = functools.partial(w4a16.KernelConfig, kind="mma_t", zfold=False)
         cfgs = [
             (1, fma(block_m=1, block_n=128, split_k=6)),
             (1, fma(block_m=1, block_n=256, num_warps=4, split_k=5, chunks=2, flush=4)),
@@ -53,41 +56,19 @@ def test_all_kernels_real_shapes(make_packed, dtype, g):
                 w4a16.KernelConfig(kind="mma", block_m=64, block_n=256, num_warps=4, zfold=True, join=False),
             ),
             (700, w4a16.KernelConfig(kind="dequant_mm", block_n=64)),
+            (16, t(block_m=16, block_n=128, split_k=6, num_stages=4, join=True)),
+            (5, t(block_m=16, block_n=64, split_k=3, num_stages=3, join=False)),
+            (61, t(block_m=64, block_n=128, split_k=2, num_stages=3, join=True)),
+            (40, t(block_m=32, block_n=256, num_warps=8, split_k=4, num_stages=3, join=False)),
+            (300, t(block_m=128, block_n=128, num_warps=8, num_stages=2, join=True)),
         ]
         for m, cfg in cfgs:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             y = torch.full(
                 (m, n), float("nan"), device="cuda", dtype=dtype
             )  # poison: every element is written
-            w4a16.LAUNCHERS[cfg.kind](x, p["qweight"], p["sz"], p["zeros"], cfg, scratch, out=y)
-            err = _rel(y, _ref(x, p))
-            assert err < tol, (k, n, m, cfg, err)
-        assert int(scratch.abs().sum()) == 0
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("g", [32, 64, 128])
-def test_mma_t_real_shapes(make_packed, dtype, g):
-    """The swapped-operand kernel (weights as wgmma's register operand) at the qkv and down shapes: partial
-    row tiles, one and two warpgroups, one dot per group or per slice, split-K, every output written."""
-    from lmkiln.kernels import w4a16
-
-    tol = 2e-3 if dtype == torch.float16 else 1e-2
-    scratch = w4a16.make_scratch("cuda")
-    t = functools.partial(w4a16.KernelConfig, kind="mma_t", zfold=False)
-    cfgs = [
-        (16, t(block_m=16, block_n=128, split_k=6, num_stages=4, join=True)),
-        (5, t(block_m=16, block_n=64, split_k=3, num_stages=3, join=False)),
-        (61, t(block_m=64, block_n=128, split_k=2, num_stages=3, join=True)),
-        (40, t(block_m=32, block_n=256, num_warps=8, split_k=4, num_stages=3, join=False)),
-        (300, t(block_m=128, block_n=128, num_warps=8, num_stages=2, join=True)),
-    ]
-    for k, n in SHAPES:
-        p = make_packed(k, n, g, seed=k + 1, device="cuda")
-        for m, cfg in cfgs:
-            x = torch.randn(m, k, device="cuda", dtype=dtype)
-            y = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-            w4a16.mma_t(x, p["qweight"], p["sz"], None, cfg, scratch, out=y)
+            zeros = None if cfg.kind == "mma_t" else p["zeros"]
+            w4a16.LAUNCHERS[cfg.kind](x, p["qweight"], p["sz"], zeros, cfg, scratch, out=y)
             err = _rel(y, _ref(x, p))
             assert err < tol, (k, n, m, cfg, err)
         assert int(scratch.abs().sum()) == 0
