@@ -83,7 +83,7 @@ class Int4Linear(nn.Module):
         it and zeroes it again before this layer runs again (``kernels.fused.add_rmsnorm(..., consume=True)``
         for o / down, ``paged_attention.paged_decode(..., consume=True)`` for the fused qkv). Else
         ``(self(x), False)``. Saves each GEMV its split-K tail (notes/engine.md, session 7)."""
-        from lmkiln.kernels.dispatch import atomic_splitk_config
+        from lmkiln.kernels.dispatch import ATOMIC_MAX_M, atomic_splitk_config
 
         if x.device.type != "cuda" or self.bias is not None or self.packed_k != self.in_features:
             return self(x), False
@@ -94,19 +94,11 @@ class Int4Linear(nn.Module):
             return self(x), False
         from lmkiln.kernels import w4a16
 
-        y = self.ensure_acc()[:m]
+        if self.acc is None or self.acc.device != x.device:
+            self.acc = torch.zeros(ATOMIC_MAX_M, self.out_features, dtype=torch.float32, device=x.device)
+        y = self.acc[:m]
         w4a16.fma(x2.contiguous(), self.qweight, self.sz, self.zeros, cfg, out=y, reduce="atomic")
         return y.view(*x.shape[:-1], self.out_features), True
-
-    def ensure_acc(self) -> torch.Tensor:
-        """This layer's zeroed float32 split-K accumulator ``[ATOMIC_MAX_M, N]`` on the weights' device (made
-        on first use; see :meth:`matmul_acc`)."""
-        from lmkiln.kernels.dispatch import ATOMIC_MAX_M
-
-        dev = self.qweight.device
-        if self.acc is None or self.acc.device != dev:
-            self.acc = torch.zeros(ATOMIC_MAX_M, self.out_features, dtype=torch.float32, device=dev)
-        return self.acc
 
     def _matmul(self, x: torch.Tensor, silu: bool) -> torch.Tensor:
         """``x @ W + b``; ``silu``: ``W`` is an interleaved gate/up weight, the result ``silu(gate) * up``."""

@@ -334,10 +334,6 @@ class CausalLM(nn.Module):
         cos, sin = self.rotary(positions.unsqueeze(0), x.dtype)
         cos, sin = cos[0], sin[0]
         fused = use_fused_ops(x.device)
-        if fused and x.shape[0] == 1 and backend.takes_pending_qkv(kv_caches[0], meta, 1):
-            plan = self.persistent_decode()
-            if plan is not None:
-                return plan.forward(x, cos, sin, kv_caches, meta, backend)
         residual, pending = None, False
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
             x, residual, pending = layer.forward_paged(
@@ -346,17 +342,6 @@ class CausalLM(nn.Module):
         if residual is None:
             return self.model.norm(x, fused=fused)
         return self.model.norm(x, residual, fused, pending)[0]
-
-    def persistent_decode(self) -> Any:
-        """The :class:`~lmkiln.models.persistent.PersistentDecode` plan of this model (built on first use),
-        or None where it does not apply or ``LMKILN_PERSISTENT=0``."""
-        from lmkiln.models.persistent import PersistentDecode, persistent_enabled
-
-        if not persistent_enabled():
-            return None
-        if not hasattr(self, "_persistent"):
-            self._persistent = PersistentDecode.build(self)
-        return self._persistent
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

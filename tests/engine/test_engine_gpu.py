@@ -140,7 +140,6 @@ def test_atomic_split_k_decode_on_the_tiny_int4_llama(tiny_packed, monkeypatch) 
     def one_by_one(eng: LLMEngine) -> list[list[int]]:  # batch-1 decode steps
         return [eng.generate([p], params)[0].token_ids for p in prompts]
 
-    monkeypatch.setenv("LMKILN_PERSISTENT", "0")  # the unfused decode path (the persistent one: below)
     monkeypatch.setenv("LMKILN_ATOMIC_SPLITK", "0")
     want = one_by_one(LLMEngine(EngineConfig(tiny_packed, **kw)))
     monkeypatch.delenv("LMKILN_ATOMIC_SPLITK")
@@ -155,32 +154,3 @@ def test_atomic_split_k_decode_on_the_tiny_int4_llama(tiny_packed, monkeypatch) 
     assert all(not lin.acc.any() for lin in linears)
     agree = sum(x == y for g, w in zip(got, want, strict=True) for x, y in zip(g, w, strict=True))
     assert agree >= 0.9 * 24 * len(prompts)
-
-
-def test_persistent_decode_on_the_tiny_int4_llama(tiny_packed, monkeypatch) -> None:
-    """Batch 1 through the persistent layer kernel (``kernels/persistent.py``: one launch a layer for
-    o -> gate/up -> down -> next qkv, grid barriers in between): greedy tokens and their logprobs agree with
-    the unfused decode path (``LMKILN_PERSISTENT=0``), in the CUDA graph and eagerly, and the qkv
-    accumulators the attention kernel consumes are zero between steps."""
-    prompts = [list(range(2, 70)), [5, 6, 7], [9] * 20]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1)
-    kw = dict(device="cuda", dtype="float16", max_num_seqs=4, session_len=256, cache_max_entry_count=32)
-
-    def one_by_one(eng: LLMEngine):
-        return [eng.generate([p], params)[0] for p in prompts]
-
-    monkeypatch.setenv("LMKILN_PERSISTENT", "0")
-    want = one_by_one(LLMEngine(EngineConfig(tiny_packed, **kw)))
-    monkeypatch.delenv("LMKILN_PERSISTENT")
-    for eager in (False, True):
-        eng = LLMEngine(EngineConfig(tiny_packed, eager=eager, **kw))
-        got = one_by_one(eng)
-        model = eng.runner.model
-        assert model.persistent_decode() is not None, "the tiny int4 llama did not take the persistent path"
-        assert all(not layer.self_attn.qkv_proj.acc.any() for layer in model.model.layers)
-        agree = sum(x == y for g, w in zip(got, want, strict=True) for x, y in zip(g.token_ids, w.token_ids,
-                                                                                   strict=True))
-        assert agree >= 0.9 * 24 * len(prompts)
-        for g, w in zip(got, want, strict=True):  # the first steps, before a flipped near tie diverges them
-            for lg, lw in list(zip(g.logprobs, w.logprobs, strict=True))[:4]:
-                assert lg.logprob == pytest.approx(lw.logprob, abs=2e-2)
