@@ -195,6 +195,9 @@ def _add_engine_args(p: argparse.ArgumentParser, cache_default: str = "0.8") -> 
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="wait for each step's tokens before scheduling the next (by default the next step is "
                         "launched first, so the GPU does not wait for the host)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="start serving at once: skip the start-up prefills that compile the kernels before "
+                        "the first request (GPU)")
     p.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG | INFO | WARNING | ERROR")
 
 
@@ -204,6 +207,8 @@ def _engine_extra(a: argparse.Namespace) -> dict[str, bool]:
         extra["eager"] = True
     if getattr(a, "no_async_scheduling", False):
         extra["async_scheduling"] = False
+    if getattr(a, "no_warmup", False):
+        extra["warmup"] = False
     return extra
 
 

@@ -45,6 +45,8 @@ class EngineConfig:
     tp: int = 1  # tensor parallel degree: ranks (GPUs of one host) the model is split over
     # schedule and launch step N+1 before step N's sampled tokens reach the host (one rank; see LLMEngine)
     async_scheduling: bool = True
+    # on CUDA: prefill dummy prompts at start, so no request waits for a kernel compile (LLMEngine.warm_up)
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import time
 import uuid
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -41,6 +43,18 @@ from lmkiln.engine.sequence import Sequence, SequenceCounter, SequenceStatus
 log = logging.getLogger(__name__)
 
 Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or chat messages
+# prompt lengths of the start-up warm-up: the top of each M range of the int4 GEMM tables (1, 2, 3-4, 5-8,
+# ..., 257-512) and one above it, as Triton specialises integer arguments on == 1 and on divisibility by 16
+WARMUP_TOKEN_COUNTS = (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513)
+
+
+def warmup_token_counts(limit: int) -> list[int]:
+    """The warm-up's prompt lengths up to ``limit`` (the longest prefill chunk the engine can run): those of
+    :data:`WARMUP_TOKEN_COUNTS` that fit, and ``limit`` itself (from 514 tokens on the int4 GEMMs take one
+    path, dequantize + cuBLAS)."""
+    if limit < 1:
+        return []
+    return sorted({n for n in WARMUP_TOKEN_COUNTS if n <= limit} | {limit})
 
 
 @dataclass
@@ -122,6 +136,33 @@ class LLMEngine:
         # async scheduling needs the runner's launch(); tensor-parallel steps run synchronously
         self.async_scheduling = config.async_scheduling and isinstance(self.runner, ModelRunner)
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
+        if config.warmup and loaded.device.type == "cuda":
+            t0 = time.perf_counter()
+            counts = self.warm_up()
+            log.info("warm-up: prefilled prompts of %s tokens in %.2f s", counts, time.perf_counter() - t0)
+
+    def warm_up(self, counts: Seq[int] | None = None) -> list[int]:
+        """Prefill one dummy prompt of each length in ``counts`` (default: :func:`warmup_token_counts` up to
+        the longest prefill chunk that fits the cache and the session) and decode one token after it, one
+        prompt at a time, so that the kernels a request can meet are compiled (or loaded from Triton's disk
+        cache) before the first request comes, as vLLM's and LMDeploy's start-up runs do. A cold start's first
+        request paid up to 5 s of compiles without it (H100, notes/engine.md, session 11). Leaves no trace:
+        the blocks are freed and the prefix cache is emptied. Returns the lengths it ran."""
+        bs = self.config.block_size
+        limit = min(
+            self.config.max_prefill_token_num, self.session_len - 2, (self.block_manager.num_blocks - 1) * bs
+        )
+        counts = warmup_token_counts(limit) if counts is None else [n for n in counts if 1 <= n <= limit]
+        if self.has_unfinished_requests():
+            raise RequestError("warm_up runs on an idle engine; finish or abort the running requests first")
+        rng = random.Random(self.config.seed)
+        vocab = self.model_config.vocab_size
+        params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        for n in counts:
+            self.generate([[rng.randrange(vocab) for _ in range(n)]], params)
+        self.block_manager.reset_prefix_cache()
+        self.block_manager.num_prefix_hits = 0
+        return counts
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **kwargs: Any) -> LLMEngine:

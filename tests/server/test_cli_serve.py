@@ -140,7 +140,8 @@ def test_async_scheduling_flag(tiny_llama_dir) -> None:
 
     p = build_parser()
     a = p.parse_args(["serve", "api_server", str(tiny_llama_dir)])
-    assert engine_config(_engine_options(a)).async_scheduling  # on by default
-    a = p.parse_args(["chat", str(tiny_llama_dir), "--no-async-scheduling", "--eager"])
     cfg = engine_config(_engine_options(a))
-    assert not cfg.async_scheduling and cfg.eager
+    assert cfg.async_scheduling and cfg.warmup  # on by default
+    a = p.parse_args(["chat", str(tiny_llama_dir), "--no-async-scheduling", "--eager", "--no-warmup"])
+    cfg = engine_config(_engine_options(a))
+    assert not cfg.async_scheduling and cfg.eager and not cfg.warmup
