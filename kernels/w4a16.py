@@ -72,10 +72,6 @@ class KernelConfig:
     # ``kernels.pdl.DEFAULT_PREFETCH_MB``; the H100 table keeps it: 8 MiB for o, which follows attention, was
     # slower, scripts/experiments/o_prefetch.py)
     prefetch_mb: float = -1.0
-    # kind "mma_t" only: a loop over 32-row slices, one dot an iteration, which Triton issues asynchronously
-    # (``wgmma.wait_group 1``: the next slice is dequantized while the MMA runs); the chunk loop with one dot
-    # per slice waits on each (``wait_group 0``)
-    slices: bool = False
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -782,12 +778,6 @@ def _slice_t(w, TP: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr, CT: tl.
 
 
 @triton.jit
-def _xt_rows(a_cols, k0, ROWS: tl.constexpr, m_mask):
-    """Rows ``k0 .. k0 + ROWS`` of ``x^T`` (activations of the tile's tokens, zero past M)."""
-    return tl.load(a_cols + (k0 + tl.arange(0, ROWS))[:, None], mask=m_mask[None, :], other=0.0)
-
-
-@triton.jit
 def _cat_k(a, b):
     """``[BN, W]`` x2 -> ``[BN, 2W]``: ``b``'s columns after ``a``'s."""
     BN: tl.constexpr = a.shape[0]
@@ -819,17 +809,13 @@ def _mma_t_kernel(
     DOT_F32: tl.constexpr,
     USE_ASM: tl.constexpr,
     PDL: tl.constexpr,
-    SLICES: tl.constexpr = False,
 ):
     """Swapped operands: ``C^T [BLOCK_N, BLOCK_M] = W^T @ x^T``. The dequantized weights (``q * s + m`` in
     the activation dtype) are the dot's *first* operand, which Hopper's wgmma reads from registers: each
     slice's ``(k, k+1)`` nibble pair is already the register an A fragment holds, so the tile goes from the
     word to the tensor cores without a shared-memory round trip. The activations (``x^T``, the second
     operand) stream through shared memory. M (tokens) is the MMA's N dimension, so 16..256 rows fill it.
-    JOIN: one dot per group (``K = GROUP``) instead of one per 32-row slice (fewer waits on the MMAs).
-    SLICES: the loop runs over 32-row slices, one dot an iteration (the word tile is read once per slice,
-    shifted so that the slice sits where slice 0 does), so that Triton can keep one MMA in flight while the
-    next slice is dequantized."""
+    JOIN: one dot per group (``K = GROUP``) instead of one per 32-row slice (fewer waits on the MMAs)."""
     pdl.wait(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -861,48 +847,36 @@ def _mma_t_kernel(
     c_hi = tl.minimum(c_lo + per, n_chunks)
     w_ptrs = qw_ptr + col[:, None] + ((c_lo * 16 + tl.arange(0, 16)) * PACK_N_)[None, :]  # [BN, 16] words
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    if SLICES:
-        w_base = qw_ptr + col[:, None] + (tl.arange(0, 16) * PACK_N_)[None, :]
-        for sl in tl.range(c_lo * 4, c_hi * 4, num_stages=NUM_STAGES):
-            c = sl // 4
-            t = sl % 4
-            w = tl.load(w_base + c * 16 * PACK_N_) >> (4 * t)  # slice t where slice 0 sits (then masked)
-            k0 = c * 128 + 32 * t
-            s16, m16 = _load_sm(sz_ptr, k0 // GROUP, N, offs_n)
+    for c in tl.range(c_lo, c_hi, num_stages=NUM_STAGES):
+        w = tl.load(w_ptrs)
+        w_ptrs += 16 * PACK_N_
+        kb = c * 128
+        for j in tl.static_range(NGC):
+            s16, m16 = _load_sm(sz_ptr, (kb + j * 32 * SPG) // GROUP, N, offs_n)
             p1 = _pair_bits(s16, DT)[:, None]
             p2 = _pair_bits(m16, DT)[:, None]
             v1 = s16.to(CT)[:, None]
             v2 = m16.to(CT)[:, None]
-            b = _slice_t(w, 0, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM)
-            acc = _dot(b, _xt_rows(a_cols, k0, 32, m_mask), acc, DOT_F32)
-    else:
-        for c in tl.range(c_lo, c_hi, num_stages=NUM_STAGES):
-            w = tl.load(w_ptrs)
-            w_ptrs += 16 * PACK_N_
-            kb = c * 128
-            for j in tl.static_range(NGC):
-                s16, m16 = _load_sm(sz_ptr, (kb + j * 32 * SPG) // GROUP, N, offs_n)
-                p1 = _pair_bits(s16, DT)[:, None]
-                p2 = _pair_bits(m16, DT)[:, None]
-                v1 = s16.to(CT)[:, None]
-                v2 = m16.to(CT)[:, None]
-                if JOIN:
-                    b = _slice_t(w, j * SPG, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM)
-                    if SPG >= 2:
-                        b1 = _slice_t(w, j * SPG + 1, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM)
-                        b = _cat_k(b, b1)
-                    if SPG == 4:
-                        b23 = _cat_k(
-                            _slice_t(w, j * SPG + 2, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM),
-                            _slice_t(w, j * SPG + 3, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM),
-                        )
-                        b = _cat_k(b, b23)
-                    acc = _dot(b, _xt_rows(a_cols, kb + j * 32 * SPG, 32 * SPG, m_mask), acc, DOT_F32)
-                else:
-                    for u in tl.static_range(SPG):
-                        tp = j * SPG + u
-                        b = _slice_t(w, tp, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM)
-                        acc = _dot(b, _xt_rows(a_cols, kb + 32 * tp, 32, m_mask), acc, DOT_F32)
+            if JOIN:
+                b = _slice_t(w, j * SPG, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM)
+                if SPG >= 2:
+                    b = _cat_k(b, _slice_t(w, j * SPG + 1, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM))
+                if SPG == 4:
+                    b23 = _cat_k(
+                        _slice_t(w, j * SPG + 2, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM),
+                        _slice_t(w, j * SPG + 3, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM),
+                    )
+                    b = _cat_k(b, b23)
+                k0 = kb + j * 32 * SPG
+                xt = tl.load(a_cols + (k0 + tl.arange(0, 32 * SPG))[:, None], mask=m_mask[None, :], other=0.0)
+                acc = _dot(b, xt, acc, DOT_F32)
+            else:
+                for u in tl.static_range(SPG):
+                    tp = j * SPG + u
+                    b = _slice_t(w, tp, MAGIC, DT, CT, p1, p2, v1, v2, OFFSET, USE_ASM)
+                    k0 = kb + 32 * tp
+                    xt = tl.load(a_cols + (k0 + tl.arange(0, 32))[:, None], mask=m_mask[None, :], other=0.0)
+                    acc = _dot(b, xt, acc, DOT_F32)
     pdl.trigger(PDL)
     local = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
     c_ptrs = c_ptr + offs_m[None, :] * stride_cm + offs_n[:, None]
@@ -1307,7 +1281,6 @@ def mma_t(
         DOT_F32=pdl.interpreting() and x.dtype == torch.bfloat16,
         USE_ASM=not pdl.interpreting(),
         PDL=on,
-        SLICES=cfg.slices,
         num_warps=cfg.num_warps,
         **pdl.launch_opts(on),
     )

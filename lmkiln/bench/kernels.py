@@ -294,8 +294,7 @@ def _wave_splits(tiles: int, n_chunks: int) -> list[int]:
 def mma_t_candidates(m: int, n: int, k: int) -> list:
     """Swapped-operand tensor-core tiles (kind ``mma_t``): ``block_m`` tokens per tile (the MMA's N: the
     next power of two of M up to 32, else 32-128), 64..256 weight columns (the MMA's M: one or two
-    warpgroups), pipelining depth 2-4, one dot per group or per slice (within a chunk loop, or a loop over
-    slices that keeps one MMA in flight), split-K for 1-3 waves."""
+    warpgroups), pipelining depth 2-4, one dot per group or per slice, split-K for 1-3 waves."""
     from lmkiln.kernels.w4a16 import KernelConfig
 
     if m <= 32:
@@ -310,7 +309,7 @@ def mma_t_candidates(m: int, n: int, k: int) -> list:
             if n % bn or (bm == 128 and warps == 4):  # 128 x 128 in one warpgroup spills
                 continue
             for st in (3, 4) if bm <= 32 else (2, 3):
-                for join, slices in ((True, False), (False, False), (False, True)):
+                for join in (True, False):
                     for sk in _wave_splits((n // bn) * -(-m // bm), k // 128):
                         out.append(
                             KernelConfig(
@@ -322,7 +321,6 @@ def mma_t_candidates(m: int, n: int, k: int) -> list:
                                 num_stages=st,
                                 join=join,
                                 zfold=False,
-                                slices=slices,
                             )
                         )
     return out

@@ -49,19 +49,16 @@ if kind == "fma":  # M=1 fp16 gate/up with the SiLU epilogue, split-K 4, PDL wit
               "REDUCE": 0}
     sig = {**ptrs, **{k: "i32" for k in ints}, **{k: "constexpr" for k in consts}}
     options["enable_fp_fusion"] = False
-elif kind in ("mma_t16", "mma_t128", "mma_t64s"):
+elif kind in ("mma_t16", "mma_t128"):
     # swapped-operand tensor-core GEMM: 16 tokens x 128 columns, one warpgroup, one dot per group (decode
-    # batches <= 16), 128 x 256 over two warpgroups (the batch-256 decode / prefill tile), and 64 x 128 with
-    # the loop over slices, whose MMA must stay in flight while the next slice is dequantized
+    # batches <= 16), and 128 x 256 over two warpgroups (the batch-256 decode / prefill tile)
     fn, name = _mma_t_kernel, "_mma_t_kernel"
     ptrs = {"a_ptr": "*fp16", "qw_ptr": "*i32", "sz_ptr": "*fp16", "c_ptr": "*fp16", "ws_ptr": "*fp32",
             "cnt_ptr": "*i32"}
     ints = ["M", "N", "KW", "n_chunks", "stride_am", "stride_cm", "SPLIT_K"]
     big = kind == "mma_t128"
-    bm = {"mma_t16": 16, "mma_t128": 128, "mma_t64s": 64}[kind]
-    consts = {"GROUP": 128, "BLOCK_M": bm, "BLOCK_N": 256 if big else 128, "JOIN": kind != "mma_t64s",
-              "PACK_N_": 32, "NUM_STAGES": 3, "DOT_F32": False, "USE_ASM": True, "PDL": True,
-              "SLICES": kind == "mma_t64s"}
+    consts = {"GROUP": 128, "BLOCK_M": 128 if big else 16, "BLOCK_N": 256 if big else 128, "JOIN": True,
+              "PACK_N_": 32, "NUM_STAGES": 3, "DOT_F32": False, "USE_ASM": True, "PDL": True}
     sig = {**ptrs, **{k: "i32" for k in ints}, **{k: "constexpr" for k in consts}}
     options["num_warps"] = 8 if big else 4
     div16 = ["N", "KW", "stride_am", "stride_cm"]  # every Llama shape: N, K / 8 and the row strides
@@ -133,8 +130,6 @@ elif kind.startswith("mma_t") and ("wgmma.mma_async" not in ptx or not all(
     line.split("}, ", 1)[1].startswith("{") for line in ptx.splitlines() if "wgmma.mma_async" in line
 )):
     print("NO WGMMA WITH THE WEIGHTS IN REGISTERS")
-elif kind == "mma_t64s" and "wgmma.wait_group.sync.aligned 1;" not in ptx:
-    print("NO MMA IN FLIGHT (every wgmma waited on at once)")
 elif kind in ("attn4", "attn8") or kind.startswith("mma_t"):  # no spills (attention: session 9)
     import re, subprocess, tempfile
     from triton.backends.nvidia.compiler import get_ptxas
@@ -150,8 +145,7 @@ else:
 
 
 @pytest.mark.parametrize(
-    "kind",
-    ["8", "4", "attn4", "attn8", "attn16", "fma", "mma_t16", "mma_t128", "mma_t64s", "norm", "rotary"],
+    "kind", ["8", "4", "attn4", "attn8", "attn16", "fma", "mma_t16", "mma_t128", "norm", "rotary"]
 )
 def test_kernels_compile_for_sm90(kind) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
