@@ -28,7 +28,7 @@ def test_warm_up_leaves_the_engine_as_it_found_it(tiny_llama_dir) -> None:
     eng = _engine(tiny_llama_dir, enable_prefix_caching=True)  # the CPU engine does not warm up by itself
     bm = eng.block_manager
     assert bm.num_free_blocks == bm.num_blocks
-    # 38 = session 40 - 2; 1000 is beyond every limit; the default list stops at the 8-token chunk
+    # the longest prefill chunk (8 tokens) is the limit here (the session allows 38, the cache 60)
     assert eng.warm_up([1, 5, 30, 1000]) == [1, 5]
     assert eng.warm_up() == [1, 2, 3, 4, 5, 8]
     assert not eng.has_unfinished_requests()
