@@ -26,10 +26,10 @@ from lmkiln.quant.pack import GATE_UP_BLOCK, PACK_K, PACK_N, check_gate_up_width
 log = logging.getLogger(__name__)
 
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
-# the heuristic's first M for the swapped-operand tensor-core tiles: on the H100 they beat ``fma`` from M=4 on
-# for most 7B shapes (`lmkiln bench kernels --tune --kinds mma_t`, notes/kernels.md, session 10); M=3 (not
-# measured) goes with 4, which shares its 16-token tile
-MMA_T_MIN_M = 3
+# the heuristic's first M for the swapped-operand tensor-core tiles: on the H100 they beat ``fma`` from M=2 on
+# at every 7B shape (`lmkiln bench kernels --tune --kinds mma_t`, notes/kernels.md, sessions 10-11; at M=2 the
+# 7B linears 3.81 -> 3.01 ms, a batch-2 decode step 3.557 -> 2.900 ms)
+MMA_T_MIN_M = 2
 ATOMIC_ENV = "LMKILN_ATOMIC_SPLITK"
 # H100, 7B shape (notes/engine.md, session 7): atomic o / down GEMVs took the batch-1 decode step from 2.31 to
 # 2.25 ms (and the qkv one from 2.23 to 2.16), but batch 4 from 3.51 to 3.66 ms (4 rows: 4x the atomics on
@@ -96,10 +96,10 @@ def _divisor_block(n: int, prefs: tuple[int, ...]) -> int:
 
 def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int = 132, fma: bool = True):
     """A config without a tuned table, shaped like what won on the H100/H200 (see notes/kernels.md):
-    M <= 2 the CUDA-core ``fma`` kernel (every dequantized weight reused across the rows; ``fma=False``, used
-    for bf16 whose fma path has no packed-fp16 arithmetic: the M == 1 GEMV), M <= 256 the swapped-operand
-    tensor-core tiles (``mma_t``: 16-64 tokens a tile, split-K to fill the GPU; ``mma`` where N is not a
-    multiple of 64), larger M dequantize + cuBLAS."""
+    M == 1 (and M == 2 where N is not a multiple of 64) the CUDA-core ``fma`` kernel (every dequantized weight
+    reused across the rows; ``fma=False``, used for bf16 whose fma path has no packed-fp16 arithmetic: the
+    M == 1 GEMV), M <= 256 the swapped-operand tensor-core tiles (``mma_t``: 16-64 tokens a tile, split-K to
+    fill the GPU; ``mma`` where N is not a multiple of 64), larger M dequantize + cuBLAS."""
     w4a16 = _triton_mod()
     n_chunks = k // PACK_K
 
@@ -111,7 +111,7 @@ def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int = 13
         return w4a16.KernelConfig(
             kind="gemv", block_n=bn, split_k=split_for(n // bn), num_warps=8 if bn == 256 else 4, num_stages=3
         )
-    if m < MMA_T_MIN_M and fma:
+    if fma and (m < MMA_T_MIN_M or (m <= 2 and n % 64)):  # mma_t needs N % 64 == 0
         bm = 1 << (m - 1).bit_length()
         bn = 128 if n % 128 == 0 else PACK_N
         warps = 4 if bn == 128 else 1

@@ -261,8 +261,9 @@ def test_dispatch_cpu_uses_reference_and_validates(make_packed):
         cfg = heuristic_config(m, 22016, 4096, 128)
         assert 22016 % cfg.block_n == 0 and cfg.split_k >= 1
         kinds[m] = cfg.kind
-    tc = {3: "mma_t", 16: "mma_t", 64: "mma_t", 256: "mma_t"}
-    assert kinds == {1: "fma", 2: "fma", **tc, 257: "dequant_mm", 4096: "dequant_mm"}
+    tc = {2: "mma_t", 3: "mma_t", 16: "mma_t", 64: "mma_t", 256: "mma_t"}
+    assert kinds == {1: "fma", **tc, 257: "dequant_mm", 4096: "dequant_mm"}
+    assert heuristic_config(2, 4096 + 32, 4096, 128).kind == "fma"  # no 64-column tiles for mma_t
     assert heuristic_config(1, 4096, 4096, 128, fma=False).kind == "gemv"  # bf16
     assert heuristic_config(2, 4096, 4096, 128, fma=False).kind == "mma_t"
     assert heuristic_config(16, 4096 + 32, 4096, 128).kind == "mma"  # N not a multiple of mma_t's 64 columns
