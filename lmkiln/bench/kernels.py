@@ -286,6 +286,12 @@ def candidate_configs(m: int, n: int, k: int) -> list:
     return out
 
 
+def candidates_against(current: Any, m: int, n: int, k: int, kinds: Sequence[str]) -> list:
+    """``current`` (the dispatcher's choice) first, then the other candidates of ``kinds`` for ``[M, K] x
+    [K, N]``: what a tuning run restricted to some kernel kinds times."""
+    return [current] + [c for c in candidate_configs(m, n, k) if c.kind in kinds and c != current]
+
+
 def _wave_splits(tiles: int, n_chunks: int) -> list[int]:
     """split-K values that make a launch of ``tiles`` tiles about 1, 2 or 3 waves of 132 programs."""
     return sorted({max(1, min(n_chunks, 16, round(w * 132 / tiles))) for w in (1, 2, 3)})
@@ -448,11 +454,9 @@ def run(
     tuned_entries: list[dict[str, Any]] = []
 
     def cands_for(m: int, n: int, k: int) -> list:
-        cands = candidate_configs(m, n, k)
         if kinds is None:
-            return cands
-        current = dispatch.choose_config(m, n, k, group_size, dtype, dev)
-        return [current] + [c for c in cands if c.kind in kinds and c != current]
+            return candidate_configs(m, n, k)
+        return candidates_against(dispatch.choose_config(m, n, k, group_size, dtype, dev), m, n, k, kinds)
 
     if tune and compile_workers > 1:
         todo = [c for sn in shapes for m in ms for c in cands_for(m, *reversed(LLAMA2_7B_SHAPES[sn]))]

@@ -164,7 +164,7 @@ def _sweep_shape(
     bw: float,
     kinds: Sequence[str] = ("fma",),
 ) -> dict[str, Any]:
-    from lmkiln.bench.kernels import candidate_configs
+    from lmkiln.bench.kernels import candidates_against
     from lmkiln.kernels import dispatch
     from lmkiln.kernels.w4a16 import make_scratch
 
@@ -186,7 +186,7 @@ def _sweep_shape(
     for m in ms:
         x = torch.randn(m, k, device=dev, dtype=torch.float16)
         current = dispatch.choose_config(m, n, k, group_size, torch.float16, dev)
-        cands = [current] + [c for c in candidate_configs(m, n, k) if c.kind in kinds and c != current]
+        cands = candidates_against(current, m, n, k, kinds)
         rows = [
             {"config": c.to_dict(), "us": _graph_ms(functools.partial(ours, x, c), rep_ms) / layers * 1e3}
             for c in cands

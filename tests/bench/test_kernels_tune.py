@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from lmkiln.bench.kernels import _compile_key, candidate_configs, merge_entries, mma_t_candidates, write_tuned
+from lmkiln.bench.kernels import (
+    _compile_key,
+    candidate_configs,
+    candidates_against,
+    merge_entries,
+    mma_t_candidates,
+    write_tuned,
+)
 from lmkiln.errors import QuantConfigError
 
 REPORT = {"torch": "t", "triton": "tr"}
@@ -30,6 +37,17 @@ def test_mma_t_candidates_fit_the_shape_and_m() -> None:
     assert {c.block_n for c in mma_t_candidates(64, 22016, 4096)} == {64, 128, 256}
     assert any(c.kind == "mma_t" for c in candidate_configs(64, 4096, 4096))
     assert not any(c.kind == "mma_t" for c in candidate_configs(1, 4096, 4096))
+
+
+def test_candidates_against_put_the_current_choice_first_once() -> None:
+    m, n, k = 4, 4096, 4096  # fma and mma_t both offered
+    cands = mma_t_candidates(m, n, k)
+    current = cands[3]
+    got = candidates_against(current, m, n, k, ["mma_t"])
+    assert got[0] == current and got.count(current) == 1
+    assert sorted(map(str, got)) == sorted(map(str, cands))  # the current choice was one of them
+    fma = candidates_against(current, m, n, k, ["fma"])
+    assert fma[0] == current and {c.kind for c in fma[1:]} == {"fma"}
 
 
 def test_compile_key_ignores_split_k_only_where_the_kernel_does() -> None:
