@@ -273,6 +273,14 @@ def _finish_tile(
 
 
 @triton.jit
+def _k_range(pid_k, n_chunks, SPLIT_K):
+    """The 128-row chunks ``[c_lo, c_hi)`` of split ``pid_k`` out of ``SPLIT_K`` (the last may be short)."""
+    per = tl.cdiv(n_chunks, SPLIT_K)
+    c_lo = pid_k * per
+    return c_lo, tl.minimum(c_lo + per, n_chunks)
+
+
+@triton.jit
 def _dot(a, b, acc, DOT_F32: tl.constexpr):
     # DOT_F32 only under TRITON_INTERPRET with bf16: the interpreter's tl.dot mishandles bf16 operands.
     if DOT_F32:
@@ -311,9 +319,7 @@ def _gemv_kernel(
     rr = tl.arange(0, 16)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col = (offs_n // PACK_N_) * (KW * PACK_N_) + offs_n % PACK_N_
-    per = tl.cdiv(n_chunks, SPLIT_K)
-    c_lo = pid_k * per
-    c_hi = tl.minimum(c_lo + per, n_chunks)
+    c_lo, c_hi = _k_range(pid_k, n_chunks, SPLIT_K)
     w_ptrs = qw_ptr + col[None, :] + ((c_lo * 16 + rr) * PACK_N_)[:, None]
     x_pair = (2 * rr)[:, None] + tl.arange(0, 2)[None, :]  # rows (2r, 2r+1) of a slice
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
@@ -524,9 +530,7 @@ def _fma_kernel(
         x_rows = xp_ptr + mrow * (stride_xm // 2) + rows[None, :, None]  # int32 (x[k], x[k+1]) pairs
     else:
         x_rows = x_ptr + mrow * stride_xm + 2 * rows[None, :, None]
-    per = tl.cdiv(n_chunks, SPLIT_K)
-    c_lo = pid_k * per
-    c_hi = tl.minimum(c_lo + per, n_chunks)
+    c_lo, c_hi = _k_range(pid_k, n_chunks, SPLIT_K)
     if PF_ROWS > 0:
         # before the wait (PDL): pull the first PF_ROWS word-rows of each of the tile's panels into L2
         NP: tl.constexpr = BLOCK_N // PACK_N_
@@ -681,9 +685,7 @@ def _mma_kernel(
     m_mask = offs_m < M
     a_rows = a_ptr + offs_m[:, None] * stride_am
     col = (offs_n // PACK_N_) * (KW * PACK_N_) + offs_n % PACK_N_
-    per = tl.cdiv(n_chunks, SPLIT_K)
-    c_lo = pid_k * per
-    c_hi = tl.minimum(c_lo + per, n_chunks)
+    c_lo, c_hi = _k_range(pid_k, n_chunks, SPLIT_K)
     w_ptrs = qw_ptr + col[None, :] + ((c_lo * 16 + rr) * PACK_N_)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for c in tl.range(c_lo, c_hi, num_stages=NUM_STAGES):
@@ -842,9 +844,7 @@ def _mma_t_kernel(
     a_cols = a_ptr + offs_m[None, :] * stride_am  # x^T: column j is activation row j
     col = (offs_n // PACK_N_) * (KW * PACK_N_) + offs_n % PACK_N_
     col = tl.max_contiguous(tl.multiple_of(col, PACK_N_), PACK_N_)
-    per = tl.cdiv(n_chunks, SPLIT_K)
-    c_lo = pid_k * per
-    c_hi = tl.minimum(c_lo + per, n_chunks)
+    c_lo, c_hi = _k_range(pid_k, n_chunks, SPLIT_K)
     w_ptrs = qw_ptr + col[:, None] + ((c_lo * 16 + tl.arange(0, 16)) * PACK_N_)[None, :]  # [BN, 16] words
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for c in tl.range(c_lo, c_hi, num_stages=NUM_STAGES):
