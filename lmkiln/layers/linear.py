@@ -7,7 +7,6 @@ and ``torch.compile``); on the CPU it runs the pure-torch reference.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 
 import torch
@@ -98,13 +97,7 @@ class Int4Linear(nn.Module):
         if self.acc is None or self.acc.device != x.device:
             self.acc = torch.zeros(ATOMIC_MAX_M, self.out_features, dtype=torch.float32, device=x.device)
         y = self.acc[:m]
-        if os.environ.get("LMKILN_FMA_SMEM") == "1" and self.group_size == 128:  # experiment (session 12)
-            from lmkiln.kernels.fma_smem import fma_smem
-
-            fma_smem(x2.contiguous(), self.qweight, self.sz, self.zeros, y, cfg.block_n, cfg.num_warps,
-                     cfg.split_k)
-        else:
-            w4a16.fma(x2.contiguous(), self.qweight, self.sz, self.zeros, cfg, out=y, reduce="atomic")
+        w4a16.fma(x2.contiguous(), self.qweight, self.sz, self.zeros, cfg, out=y, reduce="atomic")
         return y.view(*x.shape[:-1], self.out_features), True
 
     def _matmul(self, x: torch.Tensor, silu: bool) -> torch.Tensor:
