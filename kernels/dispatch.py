@@ -36,6 +36,9 @@ ATOMIC_ENV = "LMKILN_ATOMIC_SPLITK"
 # the same addresses)
 ATOMIC_MAX_M = 1
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# the W4A16 kernel kinds (``w4a16.KernelConfig.kind``); here, not in the Triton module, so that CLIs can offer
+# them as choices without importing Triton
+KERNEL_KINDS = ("gemv", "fma", "mma", "mma_t", "dequant_mm")
 
 
 def _triton_mod():

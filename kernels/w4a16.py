@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 from lmkiln.kernels import pdl
+from lmkiln.kernels.dispatch import KERNEL_KINDS
 from lmkiln.kernels.reference import check_w4a16_inputs
 from triton.language.extra import libdevice
 
@@ -46,7 +47,6 @@ from lmkiln.quant.pack import GATE_UP_BLOCK, PACK_K, PACK_N
 log = logging.getLogger(__name__)
 
 ACT_DTYPES = (torch.float16, torch.bfloat16)  # also in reference.py
-KERNEL_KINDS = ("gemv", "fma", "mma", "mma_t", "dequant_mm")
 REDUCE_MODES = {"ordered": 0, "atomic": 1, "none": 2}  # fma's split-K reductions, see _finish_tile
 
 

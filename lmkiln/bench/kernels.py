@@ -32,6 +32,7 @@ import torch
 
 from lmkiln.bench import report_main
 from lmkiln.errors import LmkilnError, QuantConfigError
+from lmkiln.kernels.dispatch import KERNEL_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -768,7 +769,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--kinds",
         nargs="+",
         default=None,
-        choices=("gemv", "fma", "mma", "mma_t", "dequant_mm"),
+        choices=KERNEL_KINDS,
         help="with --tune: time only these kernel kinds against the current table's choice (which is kept "
         "where none beats it)",
     )

@@ -41,6 +41,7 @@ from lmkiln.bench.kernels import (
     tinygemm_pack,
 )
 from lmkiln.errors import QuantConfigError
+from lmkiln.kernels.dispatch import KERNEL_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--sweep", action="store_true", help="time each candidate per shape, in a chain")
     p.add_argument(
-        "--kinds", nargs="+", default=["fma"], choices=("gemv", "fma", "mma", "mma_t", "dequant_mm"),
+        "--kinds", nargs="+", default=["fma"], choices=KERNEL_KINDS,
         help="kernel kinds --sweep times (beside the dispatcher's current choice)",
     )
     args = p.parse_args(argv)
