@@ -29,10 +29,9 @@ def _is_converted_model(path: Path) -> bool:
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """fp16 HF dir of SmolLM2-135M-Instruct: resources/models/... if built, else converted once from GGUF."""
-    if _is_converted_model(RESOURCES_MODEL):
-        return RESOURCES_MODEL
+def smollm2_conversion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh conversion of the packaged SmolLM2 GGUF, verified (reloaded, logits checked), made once; alone
+    in its parent directory. Tests must not change it (tests/convert compares its bytes)."""
     from lmkiln.convert import convert_gguf, find_packaged_gguf
     from lmkiln.errors import ModelError
 
@@ -40,7 +39,15 @@ def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         gguf = find_packaged_gguf()
     except ModelError as e:
         pytest.skip(f"SmolLM2 GGUF not installed ({e})")
-    return convert_gguf(gguf, tmp_path_factory.mktemp("models") / "SmolLM2-135M-Instruct", verify=False)
+    return convert_gguf(gguf, tmp_path_factory.mktemp("models") / "SmolLM2-135M-Instruct", verify=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(request: pytest.FixtureRequest) -> Path:
+    """fp16 HF dir of SmolLM2-135M-Instruct: resources/models/... if built, else ``smollm2_conversion``."""
+    if _is_converted_model(RESOURCES_MODEL):
+        return RESOURCES_MODEL
+    return request.getfixturevalue("smollm2_conversion")
 
 
 @pytest.fixture(scope="session")
@@ -109,9 +116,9 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
-@pytest.fixture()
+@pytest.fixture(scope="session")
 def make_tiny_model():
-    """``make_tiny_model(path, family="llama", **config_overrides) -> path``."""
+    """``make_tiny_model(path, family="llama", **config_overrides) -> path`` (session-scoped: a function)."""
     return write_tiny_model
 
 

@@ -134,10 +134,14 @@ def test_converted_model_loads_and_predicts(smollm2_dir: Path, smollm2_tokenizer
 
 
 @pytest.mark.slow
-def test_conversion_is_byte_identical_and_verified(smollm2_gguf: Path, tmp_path: Path) -> None:
-    """Two fresh conversions (each reloads the result and checks its logits) give the same bytes."""
-    dirs = [convert_gguf(smollm2_gguf, tmp_path / name, verify=True) for name in ("a", "b")]
+def test_conversion_is_byte_identical_and_verified(
+    smollm2_gguf: Path, smollm2_conversion: Path, tmp_path: Path
+) -> None:
+    """Two fresh conversions (each reloads the result and checks its logits) give the same bytes: the
+    session's (conftest; smollm2_dir where resources/ has no converted model) and one more here."""
+    dirs = [smollm2_conversion, convert_gguf(smollm2_gguf, tmp_path / "b", verify=True)]
     hashes = [{p.name: sha256_file(p) for p in sorted(d.iterdir())} for d in dirs]
     assert hashes[0] == hashes[1]
     assert "manifest.json" in hashes[0] and len(hashes[0]) >= 7
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no staging leftovers
+    for d in dirs:  # no staging leftovers
+        assert [p.name for p in d.parent.iterdir()] == [d.name]

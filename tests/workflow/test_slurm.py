@@ -6,7 +6,6 @@ and munge, as root); elsewhere these tests skip, saying how to start one.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -17,22 +16,12 @@ import pytest
 from lmkiln.artifact import read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
-START = REPO / "scripts" / "slurm" / "start-single-node.sh"
 # The single-node cluster has no accounting database: job states come from squeue (MinJobAge=600 keeps
 # finished jobs listed) and no account is needed. Status checks come after 4 s, then 10 s more each time
 # nothing finished (the plugin's backoff), not after 40 s: a step of the tiny build takes 8-16 s.
 LOCAL_CLUSTER_FLAGS = ("--slurm-status-command", "squeue", "--slurm-no-account",
                        "--slurm-init-seconds-before-status-checks", "4", "--slurm-keep-successful-logs")
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster() -> None:
-    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
-        pytest.skip("snakemake-executor-plugin-slurm is not installed (pip install -e '.[dev]')")
-    check = subprocess.run([str(START), "--check"], capture_output=True) if shutil.which("sbatch") else None
-    if check is None or check.returncode:
-        pytest.skip("no SLURM cluster answers here; start one with `sudo scripts/slurm/start-single-node.sh` "
-                    "(make test does, as root)")
+SUBMITTED = r"submitted with SLURM jobid (\d+) \(log: \S*/rule_(\w+)/"
 
 
 def _squeue(job_ids: list[str]) -> dict[str, dict[str, str]]:
@@ -42,20 +31,37 @@ def _squeue(job_ids: list[str]) -> dict[str, dict[str, str]]:
     return {jid: {"state": st, "partition": p, "cpus": c, "mem": m} for jid, st, p, c, m in rows}
 
 
-@pytest.mark.slow
-def test_quantize_on_slurm(slurm_cluster, tmp_path, tiny_llama_dir, snakemake, workflow_config,
-                           jobs_of) -> None:
-    workflow_config(tmp_path, tiny_llama_dir)
-    r = snakemake(tmp_path, "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"),
+def _quantize_on_slurm(workdir, slurm_cluster, tiny_llama_dir, snakemake, workflow_config) -> dict:
+    """The SLURM build (in the background, mostly waiting for job status), its jobs' states, then a local
+    rebuild of its AWQ and packed artifacts."""
+    workflow_config(workdir, tiny_llama_dir)
+    r = snakemake(workdir, "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"),
                   *LOCAL_CLUSTER_FLAGS, "quantize", timeout=600)
+    runs = {"workdir": workdir, "build": r}
+    if r.returncode:
+        return runs
+    job_ids = [jid for jid, _ in re.findall(SUBMITTED, r.stdout + r.stderr)]
+    runs["squeue"] = _squeue(job_ids) if job_ids else {}  # now: squeue forgets jobs 600 s after they end
+    runs["dry_run"] = snakemake(workdir, "-n", "--cores", "2", "quantize")
+    results = workdir / "results" / tiny_llama_dir.name
+    for name in ("awq", "packed"):
+        shutil.copytree(results / name, workdir / f"slurm-{name}")
+    targets = [str(results.relative_to(workdir) / name) for name in ("awq", "packed")]
+    runs["rebuild"] = snakemake(workdir, "--cores", "2", *targets, "--forcerun", "awq")
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.prebuild(build=_quantize_on_slurm)
+def test_quantize_on_slurm(slurm_cluster, prebuilt, tiny_llama_dir, jobs_of) -> None:
+    tmp_path, r = prebuilt["workdir"], prebuilt["build"]
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-5000:]
 
     # Every step ran as its own SLURM job, with the resources its rule asks for.
-    pattern = r"submitted with SLURM jobid (\d+) \(log: \S*/rule_(\w+)/"
-    submitted = {rule: jid for jid, rule in re.findall(pattern, out)}
+    submitted = {rule: jid for jid, rule in re.findall(SUBMITTED, out)}
     assert set(submitted) == {"prepare_texts", "calibrate", "awq", "evaluate", "pack"}, out[-3000:]
-    jobs = _squeue(list(submitted.values()))
+    jobs = prebuilt["squeue"]
     for rule, jid in submitted.items():
         assert jobs[jid]["state"] == "COMPLETED" and jobs[jid]["partition"] == "cpu", (rule, jobs[jid])
         logs = list((tmp_path / ".snakemake" / "slurm_logs" / f"rule_{rule}").rglob(f"{jid}.log"))
@@ -69,16 +75,14 @@ def test_quantize_on_slurm(slurm_cluster, tmp_path, tiny_llama_dir, snakemake, w
 
     # The artifacts are complete and verified (sha256 of every file against its manifest) here, on the
     # submitting host; the build passed its quality gate.
-    results = tmp_path / "results" / tiny_llama_dir.name
-    read_manifest(results / "awq", kind="awq", verify=True)
-    read_manifest(results / "packed", kind="packed", verify=True)
+    read_manifest(tmp_path / "slurm-awq", kind="awq", verify=True)
+    read_manifest(tmp_path / "slurm-packed", kind="packed", verify=True)
     assert "quality gate: passed" in out
-    assert jobs_of(snakemake(tmp_path, "-n", "--cores", "2", "quantize")) == {}  # nothing left to do
+    assert jobs_of(prebuilt["dry_run"]) == {}  # nothing left to do
 
     # Reproducible across nodes: a local rebuild gives byte-identical AWQ and packed artifacts.
-    for name in ("awq", "packed"):
-        shutil.copytree(results / name, tmp_path / f"slurm-{name}")
-    r = snakemake(tmp_path, "--cores", "2", "quantize", "--forcerun", "awq")
+    results = tmp_path / "results" / tiny_llama_dir.name
+    r = prebuilt["rebuild"]
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("awq", "packed"):
         slurm_files = sorted(p.relative_to(tmp_path / f"slurm-{name}")
