@@ -44,3 +44,5 @@ def test_tune_candidates_include_the_chain_winners() -> None:
 
     got = {(c.block_n, c.num_warps, c.chunks, c.flush, c.split_k) for c in candidate_configs(1, 4096, 4096)}
     assert (64, 2, 2, 1, 16) in got and (64, 2, 2, 1, 8) in got
+    down = {(c.block_n, c.num_warps, c.chunks, c.split_k) for c in candidate_configs(1, 4096, 11008)}
+    assert (64, 2, 2, 22) in down  # 86 chunks: 21 programs of four, one of two

@@ -1,0 +1,252 @@
+"""Where the batch-1 ``fma`` GEMV's time goes: the shipped kernel against copies of it with parts of its
+arithmetic removed, and against a plain read of the same int4 codes (session 13).
+
+Variants (each a copy of ``kernels/w4a16.py`` with one inline-asm body edited, imported under its own name):
+
+* ``ship``: the shipped kernel;
+* ``nomul``: the dequantization without its four ``mul.f16x2`` by the scale (9 instructions a word, not 13):
+  what folding the scale into a per-group float32 multiply could gain at most;
+* ``nodeq``: no dequantization at all (the word itself stands for the four half2);
+* ``noflop``: no dequantization and integer adds instead of the four ``fma.f16x2`` (the loads, the loop
+  and the reduction are left);
+* ``read``: a plain kernel that reads the codes with 16-byte loads (4,096 words a program) and stores one sum
+  a program: the bandwidth this access size reaches, with PDL as the GEMVs use it.
+
+Timing as the decode step runs them: 32 layers of distinct weights (3.4 GB, far beyond L2) in one CUDA
+graph with PDL; qkv / o / down add atomically into float32 outputs (``reduce="atomic"``), gate/up with its
+SiLU epilogue and the ordered split-K tail, each at the device table's M = 1 config. The outputs of the
+edited variants are garbage (timing only). Per shape: the same shape 32 times in a graph, µs a call.
+
+    python scripts/experiments/gemv_ablation.py --out OUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import triton
+import triton.language as tl
+from lmkiln.kernels import dispatch, pdl
+
+from lmkiln.bench.kernels import LLAMA2_7B_SHAPES, copy_bandwidth_gbps, make_weights, our_bytes
+from lmkiln.bench.linear_chain import ORDER, _graph_ms
+
+MULS = """        mul.rn.f16x2 $0, a, $9;
+        mul.rn.f16x2 $1, b, $10;
+        mul.rn.f16x2 $2, c, $11;
+        mul.rn.f16x2 $3, d, $12;
+"""
+NO_MULS = """        mov.b32 $0, a;
+        mov.b32 $1, b;
+        mov.b32 $2, c;
+        mov.b32 $3, d;
+"""
+DEQ_START = "        mov.b32 k, 0x2C002C00;\n"
+NO_DEQ = """        mov.b32 $0, $4;
+        mov.b32 $1, $4;
+        mov.b32 $2, $4;
+        mov.b32 $3, $4;
+"""
+FMAS = """        fma.rn.f16x2 a, $2, $3, $1;
+        fma.rn.f16x2 a, $4, $5, a;
+        fma.rn.f16x2 a, $6, $7, a;
+        fma.rn.f16x2 a, $8, $9, a;
+"""
+ADDS = """        add.u32 a, $3, $1;
+        add.u32 a, $5, a;
+        add.u32 a, $7, a;
+        add.u32 a, $9, a;
+"""
+
+
+LOOP = "        for c0 in tl.range(c_lo, c_hi, CPI, num_stages=NUM_STAGES):\n"
+PREFETCH = """            for u in tl.static_range(U * CPI):  # the next iteration's words, no registers
+                _pf(w_ptrs + tl.minimum((c0 + CPI) * 16 + u * SUB, c_hi * 16 - 1) * PACK_N_)
+"""
+PF_FN = """
+
+@triton.jit
+def _pf(ptrs):
+    tl.inline_asm_elementwise("prefetch.global.LEVEL [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+"""
+# name -> (source edit, config overrides)
+VARIANTS = {
+    "ship": ("", {}),
+    "nomul": ("nomul", {}),
+    "nodeq": ("nodeq", {}),
+    "noflop": ("noflop", {}),
+    "pipe": ("", {"pipe": True, "chunks": 1}),
+    "st2": ("", {"num_stages": 2, "chunks": 1}),
+    "st2c2": ("", {"num_stages": 2}),
+    "st3": ("", {"num_stages": 3, "chunks": 1}),
+    "l1pf": ("l1pf", {}),
+    "l2pf": ("l2pf", {}),
+    "l1pfc1": ("l1pf", {"chunks": 1}),
+    # split-K so that every program runs ``passes`` iterations of its loop (many programs, several waves)
+    "pass1": ("", {"passes": 1}),
+    "pass2": ("", {"passes": 2}),
+    "pass1c1": ("", {"passes": 1, "chunks": 1}),
+    "pass2c1": ("", {"passes": 2, "chunks": 1}),
+}
+
+
+def _edit(src: str, name: str) -> str:
+    def sub(text: str, old: str, new: str) -> str:
+        if text.count(old) != 1:
+            raise SystemExit(f"variant {name}: the kernel changed ({old.strip()[:40]!r} not found once)")
+        return text.replace(old, new)
+
+    if name in ("nodeq", "noflop"):
+        start = src.index(DEQ_START)
+        end = src.index(MULS, start) + len(MULS)
+        src = src[:start] + NO_DEQ + src[end:]
+    if name == "nomul":
+        src = sub(src, MULS, NO_MULS)
+    if name == "noflop":
+        src = sub(src, FMAS, ADDS)
+    if name in ("l1pf", "l2pf"):
+        src = sub(src, LOOP, LOOP + PREFETCH)
+        src += PF_FN.replace("LEVEL", name[:2].upper())
+    return src
+
+
+def _load(name: str, tmp: Path) -> ModuleType:
+    from lmkiln.kernels import w4a16
+
+    path = tmp / f"w4a16_{name or 'ship'}.py"
+    path.write_text(_edit(Path(w4a16.__file__).read_text(), name))
+    spec = importlib.util.spec_from_file_location(f"lmkiln_w4a16_{name or 'ship'}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # Triton reads the kernels' source through the module
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _override(mod: ModuleType, cfg: object, over: dict, n_chunks: int) -> object:
+    """``cfg`` with the variant's fields; ``passes``: the split-K that gives every program that many
+    iterations."""
+    d = {**cfg.to_dict(), **{k: v for k, v in over.items() if k != "passes"}}
+    if "passes" in over:
+        d["split_k"] = -(-n_chunks // (d["chunks"] * over["passes"]))
+    return mod.KernelConfig.from_dict(d)
+
+
+@triton.jit
+def _read_kernel(w_ptr, out_ptr, n_words, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    pdl.wait(PDL)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    w = tl.load(w_ptr + offs, mask=offs < n_words, other=0)
+    pdl.trigger(PDL)
+    tl.store(out_ptr + pid, tl.sum(w, axis=0))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--rep-ms", type=int, default=300)
+    ap.add_argument("--variants", nargs="+", default=["ship", "nomul", "nodeq", "noflop", "read"],
+                    help=f"{sorted(VARIANTS)}, read, s:NAME=SPLIT,... or ga:NAME=SPLIT,... (gate/up atomic)")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    on = pdl.enabled(dev)
+    bw = copy_bandwidth_gbps(dev)
+    weights = {
+        name: [make_weights(*LLAMA2_7B_SHAPES[name], 128, dev, seed=1000 * li + j)
+               for li in range(args.layers)]
+        for j, name in enumerate(ORDER)
+    }
+    xs = {n: torch.randn(1, LLAMA2_7B_SHAPES[n][0], device=dev, dtype=torch.float16) for n in ORDER}
+    accs = {n: torch.zeros(1, LLAMA2_7B_SHAPES[n][1], device=dev, dtype=torch.float32) for n in ORDER}
+    cfgs = {name: dispatch.choose_config(1, *reversed(LLAMA2_7B_SHAPES[name]), 128, torch.float16, dev)
+            for name in ORDER}
+    floor_us = {name: our_bytes(1, *LLAMA2_7B_SHAPES[name], 128) / bw / 1e3 for name in ORDER}
+    code_us = {name: LLAMA2_7B_SHAPES[name][0] * LLAMA2_7B_SHAPES[name][1] / 2 / bw / 1e3 for name in ORDER}
+    report: dict = {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbps": bw, "pdl": on,
+                    "configs": {n: c.to_dict() for n, c in cfgs.items()}, "floor_us": floor_us,
+                    "codes_floor_us": code_us, "variants": {}}
+    tmp = Path(tempfile.mkdtemp(prefix="gemv_ablation_"))
+    mods: dict[str, ModuleType] = {}
+    last: dict[str, torch.Tensor] = {}
+    ref: dict[str, torch.Tensor] = {}
+    def run_variant(variant: str) -> None:
+        if variant == "read":
+            sums = torch.zeros(1 << 16, device=dev, dtype=torch.int32)
+
+            def call(name: str, w, _s=sums) -> None:
+                n_words = w.qweight.numel()
+                _read_kernel[(triton.cdiv(n_words, 4096),)](w.qweight, _s, n_words, BLOCK=4096, PDL=on,
+                                                            num_warps=4, **pdl.launch_opts(on))
+        else:
+            edit, over = VARIANTS.get(variant, ("", {}))
+            mod = mods.get(edit) or mods.setdefault(edit, _load(edit, tmp))
+            scratch = mod.make_scratch(dev)
+            vc = {n: _override(mod, c, over, LLAMA2_7B_SHAPES[n][0] // 128) for n, c in cfgs.items()}
+            gu_atomic = variant.startswith("ga:")
+            if ":" in variant:  # s:NAME=SPLIT,... (ga: the same with gate/up added atomically, no SiLU)
+                for item in filter(None, variant.split(":", 1)[1].split(",")):
+                    name, split = item.split("=")
+                    vc[name] = mod.KernelConfig.from_dict({**vc[name].to_dict(), "split_k": int(split)})
+
+            def call(name: str, w, _m=mod, _s=scratch, _c=vc, _ga=gu_atomic) -> None:
+                if name == "gate_up" and not _ga:
+                    last[name] = _m.fma(xs[name], w.qweight, w.sz, w.zeros, _c[name], scratch=_s, silu=True)
+                else:
+                    _m.fma(xs[name], w.qweight, w.sz, w.zeros, _c[name], out=accs[name], reduce="atomic")
+
+        if VARIANTS.get(variant, ("",))[0] == "" and variant != "read":  # the same math: check it
+            errs = {}
+            for name in ORDER:
+                accs[name].zero_()
+                call(name, weights[name][0])
+                silu = name == "gate_up" and not variant.startswith("ga:")
+                got = (last[name] if silu else accs[name]).float().clone()
+                if variant == "ship" or name not in ref:
+                    ref[name] = got
+                if got.shape == ref[name].shape:
+                    errs[name] = float((got - ref[name]).abs().max() / ref[name].abs().max())
+                if not silu:  # against float64 x @ W
+                    exact = (xs[name].double() @ weights[name][0].dequant(torch.float64)).float()
+                    errs[f"{name}_vs_fp64"] = float((got - exact).abs().max() / exact.abs().max())
+            print(variant, "max |diff| / max |ship| (and vs fp64)", errs, flush=True)
+            report.setdefault("errors", {})[variant] = errs
+
+        def chain(_call=call) -> None:
+            for li in range(args.layers):
+                for name in ORDER:
+                    _call(name, weights[name][li])
+
+        row: dict = {"chain_ms": _graph_ms(chain, args.rep_ms)}
+        for name in ORDER:
+            def one(_call=call, _name=name) -> None:
+                for w in weights[_name]:
+                    _call(_name, w)
+
+            row[f"{name}_us"] = _graph_ms(one, args.rep_ms) / args.layers * 1e3
+        print(variant, {k: round(v, 3) for k, v in row.items()}, flush=True)
+        if variant != "read":
+            row["split_k"] = {n: c.split_k for n, c in vc.items()}
+        report["variants"][variant] = row
+    for variant in args.variants:
+        try:
+            run_variant(variant)
+        except Exception as e:  # a variant that fails to compile or run: recorded, the others go on
+            report["variants"][variant] = {"error": repr(e)[:2000]}
+            print(variant, "FAILED", repr(e)[:2000], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gemv_ablation.json").write_text(json.dumps(report, indent=1))
+    print("floor_us", {k: round(v, 2) for k, v in floor_us.items()}, "codes", {k: round(v, 2) for k, v in
+                                                                              code_us.items()})
+
+
+if __name__ == "__main__":
+    main()
