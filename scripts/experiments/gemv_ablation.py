@@ -1,23 +1,60 @@
-"""Where the batch-1 ``fma`` GEMV's time goes: the shipped kernel against copies of it with parts of its
-arithmetic removed, and against a plain read of the same int4 codes (session 13).
+"""Where the batch-1 ``fma`` GEMV's time goes (session 13): the shipped kernel against copies of it with
+parts of its arithmetic removed, other schedules and splits, and a plain read of the same int4 codes.
 
-Variants (each a copy of ``kernels/w4a16.py`` with one inline-asm body edited, imported under its own name):
+Variants (``--variants``; an edited one is a copy of ``kernels/w4a16.py`` imported under its own name):
 
-* ``ship``: the shipped kernel;
-* ``nomul``: the dequantization without its four ``mul.f16x2`` by the scale (9 instructions a word, not 13):
-  what folding the scale into a per-group float32 multiply could gain at most;
-* ``nodeq``: no dequantization at all (the word itself stands for the four half2);
-* ``noflop``: no dequantization and integer adds instead of the four ``fma.f16x2`` (the loads, the loop
-  and the reduction are left);
-* ``read``: a plain kernel that reads the codes with 16-byte loads (4,096 words a program) and stores one sum
-  a program: the bandwidth this access size reaches, with PDL as the GEMVs use it.
+* ``ship``: the shipped kernel at the device table's M = 1 configs;
+* ``nomul``: the dequantization without its four ``mul.f16x2`` by the scale (9 instructions a word, not 13);
+* ``nodeq``: no dequantization (the word itself stands for the four half2);
+* ``noflop``: no dequantization, integer adds instead of the four ``fma.f16x2`` (loads, loop and reduction
+  left);
+* ``st2`` / ``st2c2`` / ``st3``: Triton's own pipelining (``num_stages`` 2 or 3: ``cp.async`` through shared
+  memory), one or two chunks an iteration;
+* ``l1pf`` / ``l2pf`` / ``l1pfc1``: ``prefetch.global.L1`` / ``.L2`` of the next iteration's words at the top
+  of each iteration;
+* ``pass1`` / ``pass2`` (``c1``: one chunk an iteration): split-K such that every program runs one or two
+  iterations (many programs, several waves);
+* ``s:NAME=SPLIT,...``: the table's configs with other splits; ``ga:...``: the same with gate/up added
+  atomically into float32 (no SiLU epilogue: the SiLU would need a kernel of its own);
+* ``f2`` / ``f4``: half2 partials of 2 or 4 words before the float32 flush (fewer conversions);
+* ``smem0:...`` / ``smem:...``: the Gluon kernel of session 12 (``kernels/fma_smem.py``, in commit
+  SMEM_COMMIT and removed after it): every program's weight slice copied into shared memory with
+  ``cp.async`` before its PDL wait; ``smem0`` computes after the whole slice has landed, ``smem`` chunk by
+  chunk as each copy group lands (activations read once into shared memory); gate/up added atomically;
+* ``read``: a plain kernel that reads the codes with 16-byte loads (4,096 words, 4 warps a program) and
+  stores one sum a program: what this access size reaches, with PDL as the GEMVs use it; ``readc``: 2,048
+  words and 2 warps a program (a GEMV program's bytes); ``readp``: a GEMV program's tile (32 word-rows x
+  64 columns of the packed panel layout), one tile a program.
 
-Timing as the decode step runs them: 32 layers of distinct weights (3.4 GB, far beyond L2) in one CUDA
-graph with PDL; qkv / o / down add atomically into float32 outputs (``reduce="atomic"``), gate/up with its
-SiLU epilogue and the ordered split-K tail, each at the device table's M = 1 config. The outputs of the
-edited variants are garbage (timing only). Per shape: the same shape 32 times in a graph, µs a call.
+Timing as the decode step runs them: 32 layers of distinct weights (3.4 GB, far beyond L2) in one CUDA graph
+with PDL; qkv / o / down add atomically into float32 outputs, gate/up with its SiLU epilogue and the ordered
+split-K tail. Per shape: the same shape 32 times in a graph, us a call. The outputs of the edited variants are
+garbage (timing only); the others are checked against the shipped kernel and a float64 ``x @ W``.
 
-    python scripts/experiments/gemv_ablation.py --out OUT_DIR
+    python scripts/experiments/gemv_ablation.py --out OUT_DIR --variants ship noflop read
+
+Results, NVIDIA H100 80GB HBM3, torch 2.11, Triton 3.6 (chain ms; qkv / o / gate_up / down us a call; floor
+at copy bandwidth 8.9 / 3.0 / 16.0 / 8.0, the codes alone 8.4 / 2.8 / 15.0 / 7.5):
+
+* ship 1.635-1.67 (11.9-12.2 / 6.2 / 21.7 / 12.6); read **1.20** (9.7 / 4.4 / 15.9 / 8.8); noflop 1.39
+  (10.5 / 5.2 / 19.4 / 9.9); nomul 1.84; nodeq 1.82. Removing instructions from the dequantization made the
+  kernel slower; only removing the math entirely (noflop) gains, and even that stays 0.19 ms above a plain
+  read: the loop's structure, not the instruction count, is the limit.
+* st2 1.88, st2c2 1.98, st3 1.96; l1pf 2.04, l2pf 2.04, l1pfc1 2.06; pass1 1.72, pass2 1.72, pass1c1 1.97,
+  pass2c1 1.99. Also measured with kernel changes since reverted: the next chunk's words loaded into
+  registers before this chunk's math (ptxas sinks the loads to the end of the loop body again) 2.06; the
+  activation pairs read 16 bytes at a time (4 loads a chunk, not 16; 79 registers, not 73) 1.735 against
+  1.710, decode step 2.244 against 2.146 ms.
+* read 1.201, readc 1.205, readp 1.236 (9.9 / 4.5 / 16.4 / 9.0): the packed layout's access pattern costs
+  3 % against contiguous reads; noflop 1.384 in the same run. f2 1.76, f4 1.66 (ship 1.60-1.63).
+* Gluon (gate/up atomic, no SiLU; the shipped kernel so 1.595): smem0 1.78, smem 1.787 (pipelining inside
+  a program changes nothing), smem with splits qkv 16 / o 32 / gate_up 16 / down 43 1.651 (o 6.13 us, the
+  only shape it wins), qkv 4 / o 8 / gate_up 4 / down 11 2.05; the chunk-by-chunk version reading its
+  activations from global memory a sub-tile at a time 2.11.
+* Splits, us a call: down 22 **11.43**, 24 11.42, 43 11.93, 20 12.99, 29 13.13 (16: 12.61); qkv 12 15.3, 16
+  12.7 (8: 12.2); gate_up 5 22.6, 6 21.7 (4: 21.7); o 11 7.3 (16: 6.2); gate_up atomic without SiLU 4 20.6, 6
+  19.9, 8 20.7, 11 22.6, 16 19.9. Down in 22 splits is now the H100 table's choice (decode step 2.156 ->
+  2.119 ms, three alternating runs each).
 """
 
 from __future__ import annotations
@@ -83,7 +120,6 @@ VARIANTS = {
     "nomul": ("nomul", {}),
     "nodeq": ("nodeq", {}),
     "noflop": ("noflop", {}),
-    "pipe": ("", {"pipe": True, "chunks": 1}),
     "st2": ("", {"num_stages": 2, "chunks": 1}),
     "st2c2": ("", {"num_stages": 2}),
     "st3": ("", {"num_stages": 3, "chunks": 1}),
@@ -91,6 +127,8 @@ VARIANTS = {
     "l2pf": ("l2pf", {}),
     "l1pfc1": ("l1pf", {"chunks": 1}),
     # split-K so that every program runs ``passes`` iterations of its loop (many programs, several waves)
+    "f2": ("", {"flush": 2}),
+    "f4": ("", {"flush": 4}),
     "pass1": ("", {"passes": 1}),
     "pass2": ("", {"passes": 2}),
     "pass1c1": ("", {"passes": 1, "chunks": 1}),
@@ -149,6 +187,23 @@ def _read_kernel(w_ptr, out_ptr, n_words, BLOCK: tl.constexpr, PDL: tl.constexpr
     tl.store(out_ptr + pid, tl.sum(w, axis=0))
 
 
+@triton.jit
+def _read_panel_kernel(w_ptr, out_ptr, KW, ROWS: tl.constexpr, BN: tl.constexpr, PACK: tl.constexpr,
+                       PDL: tl.constexpr):
+    """A GEMV program's reads without its math: a [ROWS word-rows, BN columns] tile of the packed layout
+    (panels of PACK columns x KW word-rows), program (n tile, row block)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    col = (offs_n // PACK) * (KW * PACK) + offs_n % PACK
+    col = tl.max_contiguous(tl.multiple_of(col, PACK), PACK)
+    rows = pid_k * ROWS + tl.arange(0, ROWS)
+    pdl.wait(PDL)
+    w = tl.load(w_ptr + col[None, :] + (rows * PACK)[:, None])
+    pdl.trigger(PDL)
+    tl.store(out_ptr + pid_k * 4096 + pid_n, tl.sum(tl.sum(w, axis=1), axis=0))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -179,36 +234,60 @@ def main() -> None:
     last: dict[str, torch.Tensor] = {}
     ref: dict[str, torch.Tensor] = {}
     def run_variant(variant: str) -> None:
-        if variant == "read":
-            sums = torch.zeros(1 << 16, device=dev, dtype=torch.int32)
+        if variant.startswith("read"):
+            sums = torch.zeros(1 << 20, device=dev, dtype=torch.int32)
+            # read: 4,096 words a program, 4 warps; readc: 2,048 words, 2 warps (a GEMV program's bytes);
+            # readp: the GEMV program's tile, 32 word-rows x 64 columns of the panel layout, 2 warps
+            block, warps = {"read": (4096, 4), "readc": (2048, 2)}.get(variant, (0, 2))
 
-            def call(name: str, w, _s=sums) -> None:
+            def call(name: str, w, _s=sums, _b=block, _nw=warps) -> None:
                 n_words = w.qweight.numel()
-                _read_kernel[(triton.cdiv(n_words, 4096),)](w.qweight, _s, n_words, BLOCK=4096, PDL=on,
-                                                            num_warps=4, **pdl.launch_opts(on))
+                if _b:
+                    _read_kernel[(triton.cdiv(n_words, _b),)](w.qweight, _s, n_words, BLOCK=_b, PDL=on,
+                                                              num_warps=_nw, **pdl.launch_opts(on))
+                else:
+                    k, n = LLAMA2_7B_SHAPES[name]
+                    grid = (n // 64, k // 8 // 32)
+                    _read_panel_kernel[grid](w.qweight, _s, k // 8, ROWS=32, BN=64, PACK=32, PDL=on,
+                                             num_warps=_nw, **pdl.launch_opts(on))
         else:
             edit, over = VARIANTS.get(variant, ("", {}))
             mod = mods.get(edit) or mods.setdefault(edit, _load(edit, tmp))
             scratch = mod.make_scratch(dev)
             vc = {n: _override(mod, c, over, LLAMA2_7B_SHAPES[n][0] // 128) for n, c in cfgs.items()}
             gu_atomic = variant.startswith("ga:")
-            if ":" in variant:  # s:NAME=SPLIT,... (ga: the same with gate/up added atomically, no SiLU)
+            if ":" in variant:  # s:NAME=SPLIT,... (ga: / smem: / smem0: the same for those variants)
                 for item in filter(None, variant.split(":", 1)[1].split(",")):
                     name, split = item.split("=")
                     vc[name] = mod.KernelConfig.from_dict({**vc[name].to_dict(), "split_k": int(split)})
 
+            smem = variant.split(":")[0] in ("smem", "smem0")
+            if smem:
+                try:
+                    from lmkiln.kernels.fma_smem import fma_smem
+                except ImportError as e:
+                    raise RuntimeError(
+                        "the smem variants need kernels/fma_smem.py: "
+                        "git show SMEM_COMMIT:kernels/fma_smem.py > kernels/fma_smem.py"
+                    ) from e
+            gu_atomic = gu_atomic or smem
+
             def call(name: str, w, _m=mod, _s=scratch, _c=vc, _ga=gu_atomic) -> None:
-                if name == "gate_up" and not _ga:
+                if smem:  # the Gluon kernel, copies in flight (smem: chunk by chunk; smem0: whole slice)
+                    c = _c[name]
+                    fma_smem(xs[name], w.qweight, w.sz, w.zeros, accs[name], c.block_n, c.num_warps,
+                             c.split_k, pipe=variant.split(":")[0] == "smem")
+                elif name == "gate_up" and not _ga:
                     last[name] = _m.fma(xs[name], w.qweight, w.sz, w.zeros, _c[name], scratch=_s, silu=True)
                 else:
                     _m.fma(xs[name], w.qweight, w.sz, w.zeros, _c[name], out=accs[name], reduce="atomic")
 
-        if VARIANTS.get(variant, ("",))[0] == "" and variant != "read":  # the same math: check it
+        if VARIANTS.get(variant, ("",))[0] == "" and not variant.startswith("read"):  # the same math: check
             errs = {}
             for name in ORDER:
                 accs[name].zero_()
                 call(name, weights[name][0])
-                silu = name == "gate_up" and not variant.startswith("ga:")
+                silu = name == "gate_up" and not variant.startswith(("ga:", "smem"))
                 got = (last[name] if silu else accs[name]).float().clone()
                 if variant == "ship" or name not in ref:
                     ref[name] = got
@@ -233,7 +312,7 @@ def main() -> None:
 
             row[f"{name}_us"] = _graph_ms(one, args.rep_ms) / args.layers * 1e3
         print(variant, {k: round(v, 3) for k, v in row.items()}, flush=True)
-        if variant != "read":
+        if not variant.startswith("read"):
             row["split_k"] = {n: c.split_k for n, c in vc.items()}
         report["variants"][variant] = row
     for variant in args.variants:
