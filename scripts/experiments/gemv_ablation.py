@@ -18,7 +18,7 @@ Variants (``--variants``; an edited one is a copy of ``kernels/w4a16.py`` import
   atomically into float32 (no SiLU epilogue: the SiLU would need a kernel of its own);
 * ``f2`` / ``f4``: half2 partials of 2 or 4 words before the float32 flush (fewer conversions);
 * ``smem0:...`` / ``smem:...``: the Gluon kernel of session 12 (``kernels/fma_smem.py``, in commit
-  SMEM_COMMIT and removed after it): every program's weight slice copied into shared memory with
+  a2514d4 and removed after it): every program's weight slice copied into shared memory with
   ``cp.async`` before its PDL wait; ``smem0`` computes after the whole slice has landed, ``smem`` chunk by
   chunk as each copy group lands (activations read once into shared memory); gate/up added atomically;
 * ``read``: a plain kernel that reads the codes with 16-byte loads (4,096 words, 4 warps a program) and
@@ -268,7 +268,7 @@ def main() -> None:
                 except ImportError as e:
                     raise RuntimeError(
                         "the smem variants need kernels/fma_smem.py: "
-                        "git show SMEM_COMMIT:kernels/fma_smem.py > kernels/fma_smem.py"
+                        "git show a2514d4:kernels/fma_smem.py > kernels/fma_smem.py"
                     ) from e
             gu_atomic = gu_atomic or smem
 
