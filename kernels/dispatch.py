@@ -114,7 +114,7 @@ def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int = 13
         return w4a16.KernelConfig(
             kind="gemv", block_n=bn, split_k=split_for(n // bn), num_warps=8 if bn == 256 else 4, num_stages=3
         )
-    if fma and (m < MMA_T_MIN_M or (m <= 2 and n % 64)):  # mma_t needs N % 64 == 0
+    if fma and (m < MMA_T_MIN_M or (m == MMA_T_MIN_M and n % 64)):  # mma_t needs N % 64 == 0
         bm = 1 << (m - 1).bit_length()
         bn = 128 if n % 128 == 0 else PACK_N
         warps = 4 if bn == 128 else 1

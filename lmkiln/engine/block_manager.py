@@ -165,10 +165,11 @@ class BlockManager:
                     self._free.move_to_end(block_id, last=False)
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix (blocks in use keep their contents)."""
+        """Forget every cached prefix and the hits counted on it (blocks in use keep their contents)."""
         for block in self._blocks:
             block.hash = block.tokens = None
         self._cached.clear()
+        self.num_prefix_hits = 0
 
     def check(self) -> None:
         """Raise if the reference counts and the free list disagree (used by tests)."""

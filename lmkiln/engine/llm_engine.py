@@ -161,7 +161,6 @@ class LLMEngine:
         for n in counts:
             self.generate([[rng.randrange(vocab) for _ in range(n)]], params)
         self.block_manager.reset_prefix_cache()
-        self.block_manager.num_prefix_hits = 0
         return counts
 
     @classmethod

@@ -57,6 +57,10 @@ def test_prefix_blocks_are_shared_with_reference_counts() -> None:
     assert [bm.ref_count(x) for x in b.block_table] == [1, 1, 1]
     bm.free(b)
     assert bm.num_free_blocks == 16 and bm.num_cached_blocks == 2  # freed but still cached
+    assert bm.num_prefix_hits == 2
+    bm.reset_prefix_cache()  # forgets the prefixes and their hit count
+    assert bm.num_cached_blocks == 0 and bm.num_prefix_hits == 0
+    assert bm.match_prefix(_seq(2, prompt)) == []
     bm.check()
 
 
