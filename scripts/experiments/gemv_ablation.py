@@ -126,9 +126,9 @@ VARIANTS = {
     "l1pf": ("l1pf", {}),
     "l2pf": ("l2pf", {}),
     "l1pfc1": ("l1pf", {"chunks": 1}),
-    # split-K so that every program runs ``passes`` iterations of its loop (many programs, several waves)
     "f2": ("", {"flush": 2}),
     "f4": ("", {"flush": 4}),
+    # split-K so that every program runs ``passes`` iterations of its loop (many programs, several waves)
     "pass1": ("", {"passes": 1}),
     "pass2": ("", {"passes": 2}),
     "pass1c1": ("", {"passes": 1, "chunks": 1}),
@@ -139,7 +139,7 @@ VARIANTS = {
 def _edit(src: str, name: str) -> str:
     def sub(text: str, old: str, new: str) -> str:
         if text.count(old) != 1:
-            raise SystemExit(f"variant {name}: the kernel changed ({old.strip()[:40]!r} not found once)")
+            raise RuntimeError(f"variant {name}: the kernel changed ({old.strip()[:40]!r} not found once)")
         return text.replace(old, new)
 
     if name in ("nodeq", "noflop"):
@@ -210,7 +210,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--rep-ms", type=int, default=300)
     ap.add_argument("--variants", nargs="+", default=["ship", "nomul", "nodeq", "noflop", "read"],
-                    help=f"{sorted(VARIANTS)}, read, s:NAME=SPLIT,... or ga:NAME=SPLIT,... (gate/up atomic)")
+                    help=f"{sorted(VARIANTS)}, read, readc, readp, or s: / ga: / smem: / smem0: with "
+                    "NAME=SPLIT,...")
     args = ap.parse_args()
     dev = torch.device("cuda")
     on = pdl.enabled(dev)
@@ -233,6 +234,7 @@ def main() -> None:
     mods: dict[str, ModuleType] = {}
     last: dict[str, torch.Tensor] = {}
     ref: dict[str, torch.Tensor] = {}
+
     def run_variant(variant: str) -> None:
         if variant.startswith("read"):
             sums = torch.zeros(1 << 20, device=dev, dtype=torch.int32)
