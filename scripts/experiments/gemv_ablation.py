@@ -17,6 +17,9 @@ Variants (``--variants``; an edited one is a copy of ``kernels/w4a16.py`` import
 * ``s:NAME=SPLIT,...``: the table's configs with other splits; ``ga:...``: the same with gate/up added
   atomically into float32 (no SiLU epilogue: the SiLU would need a kernel of its own);
 * ``f2`` / ``f4``: half2 partials of 2 or 4 words before the float32 flush (fewer conversions);
+* ``c4``: four chunks an iteration; ``r64`` / ``r96c4``: a register cap for ptxas (``maxnreg`` 64; 96 with
+  four chunks, so that all 16 loads of an iteration are in flight: 96 registers, no spills);
+* ``VARIANT:NAME=SPLIT,...``: that variant with other splits for the named shapes;
 * ``smem0:...`` / ``smem:...``: the Gluon kernel of session 12 (``kernels/fma_smem.py``, in commit
   a2514d4 and removed after it): every program's weight slice copied into shared memory with
   ``cp.async`` before its PDL wait; ``smem0`` computes after the whole slice has landed, ``smem`` chunk by
@@ -47,6 +50,10 @@ at copy bandwidth 8.9 / 3.0 / 16.0 / 8.0, the codes alone 8.4 / 2.8 / 15.0 / 7.5
   1.710, decode step 2.244 against 2.146 ms.
 * read 1.201, readc 1.205, readp 1.236 (9.9 / 4.5 / 16.4 / 9.0): the packed layout's access pattern costs
   3 % against contiguous reads; noflop 1.384 in the same run. f2 1.76, f4 1.66 (ship 1.60-1.63).
+* Four chunks an iteration (o in 8 splits): c4 1.78, r96c4 1.83 (1.79 with two iterations a program for
+  every shape); r64 1.70 (ship 1.60 / 1.63 in that run). Without a cap ptxas gives the shipped kernel 72
+  registers (all 8 loads of an iteration in flight), nomul 56, nodeq 40 (fewer loads in flight): the
+  variants with less math were slower because ptxas then keeps fewer bytes in flight per thread.
 * Gluon (gate/up atomic, no SiLU; the shipped kernel so 1.595): smem0 1.78, smem 1.787 (pipelining inside
   a program changes nothing), smem with splits qkv 16 / o 32 / gate_up 16 / down 43 1.651 (o 6.13 us, the
   only shape it wins), qkv 4 / o 8 / gate_up 4 / down 11 2.05; the chunk-by-chunk version reading its
@@ -103,6 +110,7 @@ ADDS = """        add.u32 a, $3, $1;
 """
 
 
+LAUNCH = "        REDUCE=mode,\n        num_warps=cfg.num_warps,\n"
 LOOP = "        for c0 in tl.range(c_lo, c_hi, CPI, num_stages=NUM_STAGES):\n"
 PREFETCH = """            for u in tl.static_range(U * CPI):  # the next iteration's words, no registers
                 _pf(w_ptrs + tl.minimum((c0 + CPI) * 16 + u * SUB, c_hi * 16 - 1) * PACK_N_)
@@ -126,6 +134,10 @@ VARIANTS = {
     "l1pf": ("l1pf", {}),
     "l2pf": ("l2pf", {}),
     "l1pfc1": ("l1pf", {"chunks": 1}),
+    "c4": ("", {"chunks": 4}),
+    "r64": ("r64", {}),
+    "r64c4": ("r64", {"chunks": 4}),
+    "r96c4": ("r96", {"chunks": 4}),
     "f2": ("", {"flush": 2}),
     "f4": ("", {"flush": 4}),
     # split-K so that every program runs ``passes`` iterations of its loop (many programs, several waves)
@@ -150,6 +162,8 @@ def _edit(src: str, name: str) -> str:
         src = sub(src, MULS, NO_MULS)
     if name == "noflop":
         src = sub(src, FMAS, ADDS)
+    if name in ("r64", "r96"):  # a register cap for ptxas (maxnreg)
+        src = sub(src, LAUNCH, LAUNCH + f"        maxnreg={name[1:]},\n")
     if name in ("l1pf", "l2pf"):
         src = sub(src, LOOP, LOOP + PREFETCH)
         src += PF_FN.replace("LEVEL", name[:2].upper())
@@ -253,12 +267,13 @@ def main() -> None:
                     _read_panel_kernel[grid](w.qweight, _s, k // 8, ROWS=32, BN=64, PACK=32, PDL=on,
                                              num_warps=_nw, **pdl.launch_opts(on))
         else:
-            edit, over = VARIANTS.get(variant, ("", {}))
+            base = variant.split(":")[0]  # VARIANT:NAME=SPLIT,... takes that variant with those splits
+            edit, over = VARIANTS.get(base, ("", {}))
             mod = mods.get(edit) or mods.setdefault(edit, _load(edit, tmp))
             scratch = mod.make_scratch(dev)
             vc = {n: _override(mod, c, over, LLAMA2_7B_SHAPES[n][0] // 128) for n, c in cfgs.items()}
-            gu_atomic = variant.startswith("ga:")
-            if ":" in variant:  # s:NAME=SPLIT,... (ga: / smem: / smem0: the same for those variants)
+            gu_atomic = base == "ga"
+            if ":" in variant:  # NAME=SPLIT,... after s: (ship), ga:, smem:, smem0: or a variant's name
                 for item in filter(None, variant.split(":", 1)[1].split(",")):
                     name, split = item.split("=")
                     vc[name] = mod.KernelConfig.from_dict({**vc[name].to_dict(), "split_k": int(split)})
@@ -284,7 +299,8 @@ def main() -> None:
                 else:
                     _m.fma(xs[name], w.qweight, w.sz, w.zeros, _c[name], out=accs[name], reduce="atomic")
 
-        if VARIANTS.get(variant, ("",))[0] == "" and not variant.startswith("read"):  # the same math: check
+        same_math = VARIANTS.get(variant.split(":")[0], ("",))[0] in ("", "r64", "r96")
+        if same_math and not variant.startswith("read"):  # check against the shipped kernel and float64
             errs = {}
             for name in ORDER:
                 accs[name].zero_()
