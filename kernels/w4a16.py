@@ -31,7 +31,6 @@ live in a caller-owned ``scratch`` int32 tensor that must start zeroed (every la
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -453,48 +452,6 @@ def _zpairs(zp_ptr, szp_ptr, g, N, cols):
 
 
 @triton.jit
-def _chunk_pairs(zp_ptr, szp_ptr, g0, N, cols, NGC: tl.constexpr):
-    """The (1024 + z, -(64 + z), s) half2 pairs of slices 0..3 of the chunk whose first group is ``g0``."""
-    zs0, zf1, ss0 = _zpairs(zp_ptr, szp_ptr, g0, N, cols)
-    zs2, zf3, ss1, ss2, ss3 = zs0, zf1, ss0, ss0, ss0
-    if NGC == 2:
-        zs2, zf3, ss2 = _zpairs(zp_ptr, szp_ptr, g0 + 1, N, cols)
-        ss3 = ss2
-    if NGC == 4:
-        _, zf1, ss1 = _zpairs(zp_ptr, szp_ptr, g0 + 1, N, cols)
-        zs2, _, ss2 = _zpairs(zp_ptr, szp_ptr, g0 + 2, N, cols)
-        _, zf3, ss3 = _zpairs(zp_ptr, szp_ptr, g0 + 3, N, cols)
-    return zs0, zf1, zs2, zf3, ss0, ss1, ss2, ss3
-
-
-@triton.jit
-def _chunk_f16(acc, w0, w1, w2, w3, xk, xm, zs0, zf1, zs2, zf3, ss0, ss1, ss2, ss3, SUB: tl.constexpr,
-               FLUSH: tl.constexpr, zero):
-    """``acc`` plus one chunk's products from its four loaded sub-tiles (``F16ASM``, 4-row sub-tiles)."""
-    a = zero
-    for u in tl.static_range(4):
-        if u == 0:
-            w = w0
-        elif u == 1:
-            w = w1
-        elif u == 2:
-            w = w2
-        else:
-            w = w3
-        d0, d1, d2, d3 = _deq4_f16x2(w, zs0, zf1, zs2, zf3, ss0, ss1, ss2, ss3)
-        x0 = tl.load(xk + u * SUB, mask=xm, other=0)
-        x1 = tl.load(xk + u * SUB + 16, mask=xm, other=0)
-        x2 = tl.load(xk + u * SUB + 32, mask=xm, other=0)
-        x3 = tl.load(xk + u * SUB + 48, mask=xm, other=0)
-        if u % FLUSH == 0:
-            a = zero
-        a = _hfma2_4(a, x0, d0, x1, d1, x2, d2, x3, d3)
-        if u % FLUSH == FLUSH - 1:
-            acc += _h2_sum_f32(a)
-    return acc
-
-
-@triton.jit
 def _zscale(sz_ptr, zp_ptr, g, N, offs_n):
     """Generic path: ``z`` (float32) and ``s`` of group ``g`` as ``[1, 1, BN]``."""
     z = tl.load(zp_ptr + g * N + offs_n).to(tl.float32)
@@ -542,7 +499,6 @@ def _fma_kernel(
     PDL: tl.constexpr,
     PF_ROWS: tl.constexpr,
     REDUCE: tl.constexpr,
-    EARLY: tl.constexpr = False,
 ):
     """``y = x @ W`` for ``BLOCK_M`` (1..8) activation rows per program on the CUDA cores (``ACT``: the SiLU
     epilogue of an interleaved gate/up weight, see :func:`_epilogue`; ``y`` is then ``[M, N / 2]``).
@@ -584,7 +540,7 @@ def _fma_kernel(
     pdl.wait(PDL)
     acc = tl.zeros((BLOCK_M, SUB, BLOCK_N), dtype=tl.float32)
     zero = tl.zeros((BLOCK_M, SUB, BLOCK_N), dtype=tl.int32)
-    for c0 in tl.range(c_lo if not EARLY else c_hi, c_hi, CPI, num_stages=NUM_STAGES):
+    for c0 in tl.range(c_lo, c_hi, CPI, num_stages=NUM_STAGES):
         for j in tl.static_range(CPI):
             if CPI == 1:
                 c = c0
@@ -633,31 +589,6 @@ def _fma_kernel(
                             xhi = tl.load(xk + 1, mask=xm, other=0.0).to(tl.float32)
                             part += xlo * lo + xhi * hi
                         acc += part * s
-    if EARLY:
-        # both chunks' words and pairs are loaded first, then a branch that never runs ends the basic block,
-        # so that ptxas issues all of the loads before the math instead of one sub-tile ahead of it
-        for c0 in tl.range(c_lo, c_hi, 2, num_stages=1):
-            cb = tl.minimum(c0 + 1, c_hi - 1)
-            xmb = m_ok & (mrow * 0 + (c0 + 1) < c_hi)
-            pa = w_ptrs + c0 * 16 * PACK_N_
-            pb = w_ptrs + cb * 16 * PACK_N_
-            a0 = tl.load(pa)
-            a1 = tl.load(pa + SUB * PACK_N_)
-            a2 = tl.load(pa + 2 * SUB * PACK_N_)
-            a3 = tl.load(pa + 3 * SUB * PACK_N_)
-            b0 = tl.load(pb)
-            b1 = tl.load(pb + SUB * PACK_N_)
-            b2 = tl.load(pb + 2 * SUB * PACK_N_)
-            b3 = tl.load(pb + 3 * SUB * PACK_N_)
-            za0, za1, za2, za3, sa0, sa1, sa2, sa3 = _chunk_pairs(zp_ptr, szp_ptr, c0 * NGC, N, z_cols, NGC)
-            zb0, zb1, zb2, zb3, sb0, sb1, sb2, sb3 = _chunk_pairs(zp_ptr, szp_ptr, cb * NGC, N, z_cols, NGC)
-            if tl.load(cnt_ptr) == -12345:  # never (a split-K counter): only a block boundary
-                every = a0 ^ a1 ^ a2 ^ a3 ^ b0 ^ b1 ^ b2 ^ b3 ^ za0 ^ za1 ^ sa0 ^ zb0 ^ zb1 ^ sb0
-                tl.store(cnt_ptr + z_cols * 0, every)
-            acc = _chunk_f16(acc, a0, a1, a2, a3, x_rows + c0 * 64, m_ok, za0, za1, za2, za3, sa0, sa1, sa2,
-                             sa3, SUB, FLUSH, zero)
-            acc = _chunk_f16(acc, b0, b1, b2, b3, x_rows + cb * 64, xmb, zb0, zb1, zb2, zb3, sb0, sb1, sb2,
-                             sb3, SUB, FLUSH, zero)
     out = tl.sum(acc, axis=1)  # [BLOCK_M, BLOCK_N]
     pdl.trigger(PDL)
     local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -1242,7 +1173,6 @@ def fma(
         PDL=on,
         PF_ROWS=_prefetch_rows(on, n, n_chunks, split, cfg.prefetch_mb),
         REDUCE=mode,
-        EARLY=f16asm and cfg.chunks == 2 and sub == 4 and os.environ.get("LMKILN_FMA_EARLY") == "1",
         num_warps=cfg.num_warps,
         **({"enable_fp_fusion": False} if silu and not pdl.interpreting() else {}),
         **pdl.launch_opts(on),
