@@ -52,8 +52,10 @@ at copy bandwidth 8.9 / 3.0 / 16.0 / 8.0, the codes alone 8.4 / 2.8 / 15.0 / 7.5
   3 % against contiguous reads; noflop 1.384 in the same run. f2 1.76, f4 1.66 (ship 1.60-1.63).
 * Four chunks an iteration (o in 8 splits): c4 1.78, r96c4 1.83 (1.79 with two iterations a program for
   every shape); r64 1.70 (ship 1.60 / 1.63 in that run). Without a cap ptxas gives the shipped kernel 72
-  registers (all 8 loads of an iteration in flight), nomul 56, nodeq 40 (fewer loads in flight): the
-  variants with less math were slower because ptxas then keeps fewer bytes in flight per thread.
+  registers (about 3 of its 8 weight loads issued ahead, the rest a sub-tile before use), nomul 56 and nodeq
+  40 (loads one at a time). A kernel change (commit 32c43a3, reverted) that issues all of an iteration's
+  loads before a never-taken branch, so that ptxas cannot spread them: 2.146 (128 registers), 1.946 with
+  splits for 8 programs an SM: more loads in flight is not faster either.
 * Gluon (gate/up atomic, no SiLU; the shipped kernel so 1.595): smem0 1.78, smem 1.787 (pipelining inside
   a program changes nothing), smem with splits qkv 16 / o 32 / gate_up 16 / down 43 1.651 (o 6.13 us, the
   only shape it wins), qkv 4 / o 8 / gate_up 4 / down 11 2.05; the chunk-by-chunk version reading its
