@@ -15,7 +15,8 @@ Variants (``--variants``; an edited one is a copy of ``kernels/w4a16.py`` import
 * ``pass1`` / ``pass2`` (``c1``: one chunk an iteration): split-K such that every program runs one or two
   iterations (many programs, several waves);
 * ``s:NAME=SPLIT,...``: the table's configs with other splits; ``ga:...``: the same with gate/up added
-  atomically into float32 (no SiLU epilogue: the SiLU would need a kernel of its own);
+  atomically into float32 (no SiLU); ``gas:...``: gate/up atomic, then a SiLU kernel of its own that
+  consumes (reads and zeroes) the accumulator;
 * ``f2`` / ``f4``: half2 partials of 2 or 4 words before the float32 flush (fewer conversions);
 * ``c4``: four chunks an iteration; ``r64`` / ``r96c4``: a register cap for ptxas (``maxnreg`` 64; 96 with
   four chunks, so that all 16 loads of an iteration are in flight: 96 registers, no spills);
@@ -60,6 +61,9 @@ at copy bandwidth 8.9 / 3.0 / 16.0 / 8.0, the codes alone 8.4 / 2.8 / 15.0 / 7.5
   a program changes nothing), smem with splits qkv 16 / o 32 / gate_up 16 / down 43 1.651 (o 6.13 us, the
   only shape it wins), qkv 4 / o 8 / gate_up 4 / down 11 2.05; the chunk-by-chunk version reading its
   activations from global memory a sub-tile at a time 2.11.
+* gas (gate/up atomic + its SiLU kernel), gate/up us with the SiLU kernel: split 4 22.0, 6 21.3, 16 21.4
+  (atomic alone 19.9 at 6; the shipped ordered tail with the SiLU epilogue 21.7); chain 1.618 against
+  1.599 / 1.631 for ship in that run.
 * Splits, us a call: down 22 **11.43**, 24 11.42, 43 11.93, 20 12.99, 29 13.13 (16: 12.61); qkv 12 15.3, 16
   12.7 (8: 12.2); gate_up 5 22.6, 6 21.7 (4: 21.7); o 11 7.3 (16: 6.2); gate_up atomic without SiLU 4 20.6, 6
   19.9, 8 20.7, 11 22.6, 16 19.9. Down in 22 splits is now the H100 table's choice (decode step 2.156 ->
@@ -220,6 +224,22 @@ def _read_panel_kernel(w_ptr, out_ptr, KW, ROWS: tl.constexpr, BN: tl.constexpr,
     tl.store(out_ptr + pid_k * 4096 + pid_n, tl.sum(tl.sum(w, axis=1), axis=0))
 
 
+@triton.jit
+def _silu_consume_kernel(acc_ptr, o_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """``silu(g) * u`` from a float32 gate/up accumulator in 32-column blocks, which it zeroes (rounded as
+    the fused epilogue rounds)."""
+    pdl.enter(PDL)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    col = (offs // 32) * 64 + offs % 32
+    g = tl.load(acc_ptr + col, mask=m, other=0.0).to(tl.float16).to(tl.float32)
+    u = tl.load(acc_ptr + col + 32, mask=m, other=0.0).to(tl.float16).to(tl.float32)
+    tl.store(acc_ptr + col, tl.zeros_like(g), mask=m)
+    tl.store(acc_ptr + col + 32, tl.zeros_like(u), mask=m)
+    sg = tl.math.div_rn(g, 1.0 + tl.exp(-g)).to(tl.float16).to(tl.float32)
+    tl.store(o_ptr + offs, (sg * u).to(tl.float16), mask=m)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -274,7 +294,9 @@ def main() -> None:
             mod = mods.get(edit) or mods.setdefault(edit, _load(edit, tmp))
             scratch = mod.make_scratch(dev)
             vc = {n: _override(mod, c, over, LLAMA2_7B_SHAPES[n][0] // 128) for n, c in cfgs.items()}
-            gu_atomic = base == "ga"
+            gu_atomic = base in ("ga", "gas")
+            silu_kernel = base == "gas"  # gate/up atomic, then a SiLU kernel that consumes its accumulator
+            h = torch.empty(1, LLAMA2_7B_SHAPES["gate_up"][1] // 2, device=dev, dtype=torch.float16)
             if ":" in variant:  # NAME=SPLIT,... after s: (ship), ga:, smem:, smem0: or a variant's name
                 for item in filter(None, variant.split(":", 1)[1].split(",")):
                     name, split = item.split("=")
@@ -300,15 +322,22 @@ def main() -> None:
                     last[name] = _m.fma(xs[name], w.qweight, w.sz, w.zeros, _c[name], scratch=_s, silu=True)
                 else:
                     _m.fma(xs[name], w.qweight, w.sz, w.zeros, _c[name], out=accs[name], reduce="atomic")
+                    if name == "gate_up" and silu_kernel:
+                        n_out = h.shape[1]
+                        _silu_consume_kernel[(triton.cdiv(n_out, 1024),)](accs[name], h, n_out, BLOCK=1024,
+                                                                          PDL=on, num_warps=4,
+                                                                          **pdl.launch_opts(on))
+                        last["gate_up_silu"] = h
 
-        same_math = VARIANTS.get(variant.split(":")[0], ("",))[0] in ("", "r64", "r96")
+        same_math = VARIANTS.get(variant.split(":")[0], ("",))[0] in ("", "r64", "r96")  # (gas, ga, s too)
         if same_math and not variant.startswith("read"):  # check against the shipped kernel and float64
             errs = {}
             for name in ORDER:
                 accs[name].zero_()
                 call(name, weights[name][0])
-                silu = name == "gate_up" and not variant.startswith(("ga:", "smem"))
-                got = (last[name] if silu else accs[name]).float().clone()
+                gas = name == "gate_up" and variant.startswith("gas:")
+                silu = name == "gate_up" and (gas or not variant.startswith(("ga:", "smem")))
+                got = (last["gate_up_silu"] if gas else last[name] if silu else accs[name]).float().clone()
                 if variant == "ship" or name not in ref:
                     ref[name] = got
                 if got.shape == ref[name].shape:
