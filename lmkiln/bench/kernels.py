@@ -208,7 +208,7 @@ def candidate_configs(m: int, n: int, k: int) -> list:
         vals = {s for s in (1, 2, 3, 4, 6, 8, 12, 16) if s <= n_chunks and tiles * s <= 8 * 132}
         # and splits of 4 or 6 chunks a program (whole two-chunk iterations), up to 12 programs an SM: the
         # H100's batch-1 down (86 chunks) runs 11.4 us in 22 splits against 12.6 in 16 (notes/kernels.md)
-        vals |= {-(-n_chunks // p) for p in (4, 6) if tiles * -(-n_chunks // p) <= 12 * 132}
+        vals |= {s for s in (-(-n_chunks // p) for p in (4, 6)) if tiles * s <= 12 * 132}
         vals = sorted(vals)
         return [s for s in vals if tiles * s >= 66 or s == vals[-1]] or [1]
 

@@ -47,7 +47,7 @@ def _step_kernel(src, dst, cnt, i, g_prev, MODE: tl.constexpr, BLOCK: tl.constex
 
 
 def _chain_us(mode: int, n: int, g: int, block: int = 256) -> float:
-    from triton.testing import do_bench
+    from lmkiln.bench.linear_chain import _graph_ms
 
     bufs = [torch.zeros(g * block, device="cuda", dtype=torch.float16) for _ in range(2)]
     cnt = torch.zeros(n, device="cuda", dtype=torch.int32)
@@ -59,19 +59,12 @@ def _chain_us(mode: int, n: int, g: int, block: int = 256) -> float:
             _step_kernel[(g,)](bufs[i % 2], bufs[(i + 1) % 2], cnt, i, g, MODE=mode, BLOCK=block, num_warps=4,
                                **opts)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run()
-    torch.cuda.current_stream().wait_stream(s)
+    run()
     torch.cuda.synchronize()
     got = float(bufs[n % 2].float().min())  # each step writes its input + 1: n at the end if in order
     if got != n:
         raise RuntimeError(f"mode {mode}, {g} programs: the chain ended at {got}, not {n} (out of order)")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    return 1000.0 * float(do_bench(graph.replay, warmup=20, rep=200, return_mode="median")) / n
+    return 1000.0 * _graph_ms(run, 200) / n
 
 
 def main() -> None:
