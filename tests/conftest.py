@@ -123,6 +123,17 @@ def make_tiny_model():
 
 
 @pytest.fixture()
+def one_torch_thread():
+    """One intra-op thread for the test: small ops gain nothing from more, and on a busy 2-core runner (the
+    workflow builds run in the background, tests/workflow/conftest.py) OpenMP threads spinning against other
+    processes made such tests 10-100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
 def interpreted() -> None:
     """Skip unless the Triton interpreter runs the kernels on CPU tensors (CUDA machines: gpu tests)."""
     if torch.cuda.is_available():

@@ -11,13 +11,7 @@ import torch
 
 from lmkiln.cli import main as cli
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_bench_engine_cpu_tiny(tmp_path: Path, tiny_llama_dir: Path) -> None:

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 from lmkiln.bench.quantize import bench_synthetic
 
 
-@pytest.fixture()
-def one_torch_thread():
-    """One intra-op thread: the tiny shape gains nothing from two, and while the workflow builds run in the
-    background (tests/workflow/conftest.py) the AWQ search's many tiny ops, each waiting for a second
-    thread, took 100x longer on a 2-core machine (16 s instead of 0.2 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
+# one_torch_thread (tests/conftest.py): with the workflow builds running in the background the AWQ search's
+# many tiny ops, each waiting for a second thread, took 100x longer on a 2-core machine (16 s, not 0.2 s)
 def test_synthetic_benchmark_reports_times(tmp_path, one_torch_thread):
     shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=256, max_position_embeddings=256)

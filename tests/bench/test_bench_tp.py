@@ -5,24 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from lmkiln.bench.tp import SHAPES, weight_bytes
 from lmkiln.cli import main
 
 
-def test_bench_tp_runs_tp1_and_tp2_on_the_cpu(tmp_path, capsys) -> None:
+def test_bench_tp_runs_tp1_and_tp2_on_the_cpu(tmp_path, capsys, one_torch_thread) -> None:
     args = ["--out", str(tmp_path), "--device", "cpu", "--shape", "tiny", "--tp", "1", "2",
             "--weights", "int4", "--batch-sizes", "1", "2", "--prompt-len", "8", "--output-len", "4",
             "--num-requests", "4", "--throughput-prompt-len", "8", "--throughput-output-len", "4",
             "--max-num-seqs", "4"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            main(["bench", "tp", *args])
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "tp", *args])
     assert exit_.value.code == 0
     report = json.loads((tmp_path / "tp.json").read_text())
     rows = {r["tp"]: r for r in report["results"]}
