@@ -38,7 +38,7 @@ ATOMIC_MAX_M = 1
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # the W4A16 kernel kinds (``w4a16.KernelConfig.kind``); here, not in the Triton module, so that CLIs can offer
 # them as choices without importing Triton
-KERNEL_KINDS = ("gemv", "fma", "mma", "mma_t", "dequant_mm")
+KERNEL_KINDS = ("gemv", "fma", "mma", "mma_t", "dequant_mm", "cuda")
 
 
 def _triton_mod():
@@ -60,6 +60,9 @@ class TunedEntry:
     dtype: str
     m_max: int
     config: dict
+    # where ``config`` is a kind that may be unavailable at run time ("cuda": no NVRTC, LMKILN_CUDA_GEMV=0),
+    # the best other config the tuner measured
+    fallback: dict | None = None
 
 
 @functools.cache
@@ -79,6 +82,7 @@ def load_tuned(device_name: str) -> tuple[TunedEntry, ...]:
                 str(e["dtype"]),
                 int(e["m_max"]),
                 dict(e["config"]),
+                dict(e["fallback"]) if e.get("fallback") else None,
             )
             for e in data["entries"]
         )
@@ -97,17 +101,35 @@ def _divisor_block(n: int, prefs: tuple[int, ...]) -> int:
     return PACK_N
 
 
-def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int = 132, fma: bool = True):
+def heuristic_config(
+    m: int, n: int, k: int, group_size: int, sm_count: int = 132, fma: bool = True, cuda: bool = False
+):
     """A config without a tuned table, shaped like what won on the H100/H200 (see notes/kernels.md):
-    M == 1 (and M == 2 where N is not a multiple of 64) the CUDA-core ``fma`` kernel (every dequantized weight
-    reused across the rows; ``fma=False``, used for bf16 whose fma path has no packed-fp16 arithmetic: the
-    M == 1 GEMV), M <= 256 the swapped-operand tensor-core tiles (``mma_t``: 16-64 tokens a tile, split-K to
-    fill the GPU; ``mma`` where N is not a multiple of 64), larger M dequantize + cuBLAS."""
+    M == 1 with ``cuda`` (fp16, NVRTC available) the CUDA C++ GEMV on the tensor cores, 4 warps (128 columns)
+    a CTA and about 6 CTAs an SM; M == 1 otherwise (and M == 2 where N is not a multiple of 64) the CUDA-core
+    ``fma`` kernel (every dequantized weight reused across the rows; ``fma=False``, used for bf16 whose fma
+    path has no packed-fp16 arithmetic: the M == 1 GEMV), M <= 256 the swapped-operand tensor-core tiles
+    (``mma_t``: 16-64 tokens a tile, split-K to fill the GPU; ``mma`` where N is not a multiple of 64),
+    larger M dequantize + cuBLAS."""
     w4a16 = _triton_mod()
     n_chunks = k // PACK_K
 
-    def split_for(tiles: int, ctas_per_sm: int = 2) -> int:
-        return max(1, min(n_chunks, 16, round(ctas_per_sm * sm_count / tiles)))
+    def split_for(tiles: int, ctas_per_sm: int = 2, most: int = 16) -> int:
+        return max(1, min(n_chunks, most, round(ctas_per_sm * sm_count / tiles)))
+
+    if m == 1 and fma and cuda:
+        # H100, the 7B linears (notes/kernels.md, session 14): 6 CTAs an SM gave qkv 8, o 16, gate/up 5, down
+        # 22 splits, each within 2 % of the best split measured
+        return w4a16.KernelConfig(
+            kind="cuda",
+            block_n=128,
+            split_k=split_for(-(-n // 128), 6, n_chunks),
+            num_warps=4,
+            num_stages=1,
+            chunks=1,
+            flush=1,
+            zfold=True,
+        )
 
     if m == 1 and not fma:
         bn = _divisor_block(n, (256, 128, 64, 32))
@@ -162,30 +184,37 @@ def choose_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, d
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     entries = load_tuned(name)
     dname = DTYPE_NAMES.get(dtype, "float16")
+    cuda = m == 1 and dtype == torch.float16 and w4a16.w4a16_cuda.enabled(device)
     for want_dtype in (dname, "float16"):
         cands = [e for e in entries if (e.n, e.k, e.group_size, e.dtype) == (n, k, group_size, want_dtype)]
         if cands:
             pick = next((e for e in cands if e.m_max >= m), cands[-1])
             cfg = w4a16.KernelConfig.from_dict(pick.config)
-            if (cfg.kind == "gemv" and m != 1) or (cfg.kind == "fma" and dtype == torch.bfloat16):
+            if cfg.kind == "cuda" and not cuda and pick.fallback:
+                cfg = w4a16.KernelConfig.from_dict(pick.fallback)
+            if (
+                (cfg.kind == "gemv" and m != 1)
+                or (cfg.kind == "fma" and dtype == torch.bfloat16)
+                or (cfg.kind == "cuda" and not cuda)
+            ):
                 continue
             return cfg
     sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    return heuristic_config(m, n, k, group_size, sm, fma=dtype != torch.bfloat16)
+    return heuristic_config(m, n, k, group_size, sm, fma=dtype != torch.bfloat16, cuda=cuda)
 
 
 def atomic_splitk_config(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, device: torch.device):
-    """The ``fma`` config of a GEMM whose split-K partials may be added with atomics into a float32 output
-    (``w4a16.fma(..., reduce="atomic")``), or None: not on CUDA, not fp16, M > ``ATOMIC_MAX_M``, the
-    dispatcher picks another kernel for this M, or ``LMKILN_ATOMIC_SPLITK=0``. Read at every call (an A/B
-    switch, as ``LMKILN_PDL``)."""
+    """The ``fma`` or ``cuda`` config of a GEMM whose split-K partials may be added with atomics into a
+    float32 output (``w4a16.LAUNCHERS[kind](..., reduce="atomic")``), or None: not on CUDA, not fp16,
+    M > ``ATOMIC_MAX_M``, the dispatcher picks another kernel for this M, or ``LMKILN_ATOMIC_SPLITK=0``.
+    Read at every call (an A/B switch, as ``LMKILN_PDL``)."""
     choice = os.environ.get(ATOMIC_ENV, "").strip()
     if choice not in ("", "0", "1"):
         raise QuantConfigError(f"{ATOMIC_ENV}={choice!r}: use 0 (off), 1 (on) or leave it unset")
     if choice == "0" or device.type != "cuda" or dtype != torch.float16 or not 0 < m <= ATOMIC_MAX_M:
         return None
     cfg = choose_config(m, n, k, group_size, dtype, device)
-    return cfg if cfg.kind == "fma" else None
+    return cfg if cfg.kind in ("fma", "cuda") else None
 
 
 def w4a16_matmul(
@@ -204,8 +233,8 @@ def w4a16_matmul(
     given). ``zeros``: the packed uint8 zero points (enables the zero-folding small-M mode). ``scratch``:
     zeroed int32 split-K counters (see ``make_scratch``); allocated per call if None. ``silu``: ``W`` is a
     gate/up weight reordered by ``lmkiln.quant.pack.gate_up_interleave`` and the result is
-    ``silu(gate) * up [..., N / 2]``, applied by the ``fma`` kernel as it writes its tiles (other kernels:
-    one SiLU·mul launch after the GEMM).
+    ``silu(gate) * up [..., N / 2]``, applied by the ``fma`` and ``cuda`` kernels as they write their tiles
+    (other kernels: one SiLU·mul launch after the GEMM).
     """
     if x.dtype not in DTYPE_NAMES:
         raise QuantConfigError(f"W4A16 activations must be float16 or bfloat16, got {x.dtype}")
@@ -230,12 +259,17 @@ def w4a16_matmul(
     if m == 0:
         return x.new_empty((*lead, n // 2 if silu else n))
     cfg = config or choose_config(m, n, k, g, x.dtype, x.device)
-    if cfg.kind == "gemv" and m != 1:
-        cfg = heuristic_config(m, n, k, g)
-    if cfg.kind == "fma" and zeros is None:  # fma reads the integer zero points
+    if (cfg.kind == "gemv" and m != 1) or (cfg.kind == "cuda" and (m != 1 or x.dtype != torch.float16)):
+        cfg = heuristic_config(m, n, k, g, fma=x.dtype != torch.bfloat16)
+    if cfg.kind in ("fma", "cuda") and zeros is None:  # fma and cuda read the integer zero points
         cfg = heuristic_config(max(m, 16), n, k, g)
     if cfg.zfold and cfg.kind == "mma" and zeros is None:
         cfg = dataclasses.replace(cfg, zfold=False)
+    if silu and cfg.kind == "cuda":
+        if cfg.num_warps % 2:  # a CTA must hold a gate block and its up block
+            cfg = dataclasses.replace(cfg, num_warps=2 * cfg.num_warps, block_n=64 * cfg.num_warps)
+        y = w4a16.LAUNCHERS["cuda"](x2, qweight, sz, zeros, cfg, scratch, silu=True)
+        return y.reshape(*lead, n // 2)
     if silu and cfg.kind == "fma":
         if cfg.block_n % (2 * GATE_UP_BLOCK):  # a tile must hold a gate block and its up block
             cfg = dataclasses.replace(cfg, block_n=2 * GATE_UP_BLOCK, sub=0)

@@ -20,6 +20,9 @@ Five kernels, each with a launcher that validates its inputs (the pure-torch ref
 * :func:`dequant` -- writes ``W [K, N]`` in the activation dtype, for the "dequantize + cuBLAS" path that
   wins only for very large M.
 
+The batch-1 fp16 GEMV the dispatcher prefers where NVRTC loads is not one of these: kind ``"cuda"``, CUDA
+C++ with its dot products on the tensor cores (``kernels/w4a16_cuda.py``, ``LAUNCHERS["cuda"]``).
+
 ``fma``, ``gemv`` and ``mma`` split K over ``SPLIT_K`` programs per output tile. Partials go to an fp32
 workspace; the last program to finish a tile (an acq_rel atomic counter) sums the partials in a fixed order,
 writes the output and resets its counter, so results are deterministic and one launch suffices. The counters
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from lmkiln.kernels import pdl
+from lmkiln.kernels import pdl, w4a16_cuda
 from lmkiln.kernels.dispatch import KERNEL_KINDS
 from lmkiln.kernels.reference import check_w4a16_inputs
 from triton.language.extra import libdevice
@@ -64,7 +67,9 @@ class KernelConfig:
     zfold: bool = True
     join: bool = False
     # kind "fma" only: word-rows per sub-tile (0 = 128 * num_warps / block_n), chunks per loop iteration,
-    # words accumulated in half2 before the float32 flush
+    # words accumulated in half2 before the float32 flush (kind "cuda": chunks an iteration, word-rows per
+    # flush; its block_n is 32 * num_warps, num_stages 2 issues the next iteration's loads first, zfold puts
+    # the dot products on the tensor cores, see kernels/w4a16_cuda.py)
     sub: int = 0
     chunks: int = 1
     flush: int = 2
@@ -1332,4 +1337,11 @@ def dequant_mm(
     return torch.matmul(x, w)
 
 
-LAUNCHERS = {"gemv": gemv, "fma": fma, "mma": mma, "mma_t": mma_t, "dequant_mm": dequant_mm}
+LAUNCHERS = {
+    "gemv": gemv,
+    "fma": fma,
+    "mma": mma,
+    "mma_t": mma_t,
+    "dequant_mm": dequant_mm,
+    "cuda": w4a16_cuda.launch,  # the CUDA C++ batch-1 GEMV (kernels/cuda/w4a16_gemv.cu)
+}

@@ -77,12 +77,12 @@ class Int4Linear(nn.Module):
         return self._matmul(x, silu=False)
 
     def matmul_acc(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """``(y, pending)``. Where the decode GEMV (``fma``, fp16, M = 1, no bias) runs, its split-K programs
-        add their partials with atomics into this layer's float32 accumulator, and ``y`` is that
-        accumulator's ``[M, N]`` rows, ``pending`` True: the caller must hand ``y`` to a consumer that reads
-        it and zeroes it again before this layer runs again (``kernels.fused.add_rmsnorm(..., consume=True)``
-        for o / down, ``paged_attention.paged_decode(..., consume=True)`` for the fused qkv). Else
-        ``(self(x), False)``. Saves each GEMV its split-K tail (notes/engine.md, session 7)."""
+        """``(y, pending)``. Where the decode GEMV (``cuda`` or ``fma``, fp16, M = 1, no bias) runs, its
+        split-K programs add their partials with atomics into this layer's float32 accumulator, and ``y`` is
+        that accumulator's ``[M, N]`` rows, ``pending`` True: the caller must hand ``y`` to a consumer that
+        reads it and zeroes it again before this layer runs again (``kernels.fused.add_rmsnorm(...,
+        consume=True)`` for o / down, ``paged_attention.paged_decode(..., consume=True)`` for the fused
+        qkv). Else ``(self(x), False)``. Saves each GEMV its split-K tail (notes/engine.md, session 7)."""
         from lmkiln.kernels.dispatch import ATOMIC_MAX_M, atomic_splitk_config
 
         if x.device.type != "cuda" or self.bias is not None or self.packed_k != self.in_features:
@@ -97,7 +97,9 @@ class Int4Linear(nn.Module):
         if self.acc is None or self.acc.device != x.device:
             self.acc = torch.zeros(ATOMIC_MAX_M, self.out_features, dtype=torch.float32, device=x.device)
         y = self.acc[:m]
-        w4a16.fma(x2.contiguous(), self.qweight, self.sz, self.zeros, cfg, out=y, reduce="atomic")
+        w4a16.LAUNCHERS[cfg.kind](
+            x2.contiguous(), self.qweight, self.sz, self.zeros, cfg, out=y, reduce="atomic"
+        )
         return y.view(*x.shape[:-1], self.out_features), True
 
     def _matmul(self, x: torch.Tensor, silu: bool) -> torch.Tensor:

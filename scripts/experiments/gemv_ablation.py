@@ -295,9 +295,25 @@ def main() -> None:
             scratch = mod.make_scratch(dev)
             vc = {n: _override(mod, c, over, LLAMA2_7B_SHAPES[n][0] // 128) for n, c in cfgs.items()}
             gu_atomic = base in ("ga", "gas")
+            cuda = base in ("cu", "cuga")  # the CUDA C++ kernel (kernels/cuda/w4a16_gemv.cu)
+            cu_opts, cu_split = None, {"qkv": 8, "o": 16, "gate_up": 4, "down": 22}
+            if cuda:
+                from lmkiln.kernels import w4a16_cuda
+
+                keys = {"u": "unroll", "f": "flush", "pre": "preload", "pipe": "pipe", "w": "warps",
+                        "tc": "tc"}
+                kw: dict = {}
+                for item in filter(None, variant.split(":", 1)[1].split(",") if ":" in variant else []):
+                    key, val = item.split("=")
+                    if key in keys:
+                        kw[keys[key]] = bool(int(val)) if key in ("pre", "pipe", "tc") else int(val)
+                    else:
+                        cu_split[key] = int(val)
+                cu_opts = w4a16_cuda.CudaGemvOptions(**kw)
+                gu_atomic = base == "cuga"
             silu_kernel = base == "gas"  # gate/up atomic, then a SiLU kernel that consumes its accumulator
             h = torch.empty(1, LLAMA2_7B_SHAPES["gate_up"][1] // 2, device=dev, dtype=torch.float16)
-            if ":" in variant:  # NAME=SPLIT,... after s: (ship), ga:, smem:, smem0: or a variant's name
+            if ":" in variant and not cuda:  # NAME=SPLIT,... after s: (ship), ga:, smem:, smem0: or a variant
                 for item in filter(None, variant.split(":", 1)[1].split(",")):
                     name, split = item.split("=")
                     vc[name] = mod.KernelConfig.from_dict({**vc[name].to_dict(), "split_k": int(split)})
@@ -314,7 +330,14 @@ def main() -> None:
             gu_atomic = gu_atomic or smem
 
             def call(name: str, w, _m=mod, _s=scratch, _c=vc, _ga=gu_atomic) -> None:
-                if smem:  # the Gluon kernel, copies in flight (smem: chunk by chunk; smem0: whole slice)
+                if cuda:
+                    if name == "gate_up" and not _ga:
+                        last[name] = w4a16_cuda.gemv(xs[name], w.qweight, w.sz, w.zeros, cu_split[name],
+                                                     reduce="ordered", silu=True, scratch=_s, options=cu_opts)
+                    else:
+                        w4a16_cuda.gemv(xs[name], w.qweight, w.sz, w.zeros, cu_split[name], out=accs[name],
+                                        options=cu_opts)
+                elif smem:  # the Gluon kernel, copies in flight (smem: chunk by chunk; smem0: whole slice)
                     c = _c[name]
                     fma_smem(xs[name], w.qweight, w.sz, w.zeros, accs[name], c.block_n, c.num_warps,
                              c.split_k, pipe=variant.split(":")[0] == "smem")
@@ -336,7 +359,7 @@ def main() -> None:
                 accs[name].zero_()
                 call(name, weights[name][0])
                 gas = name == "gate_up" and variant.startswith("gas:")
-                silu = name == "gate_up" and (gas or not variant.startswith(("ga:", "smem")))
+                silu = name == "gate_up" and (gas or not variant.startswith(("ga:", "smem", "cuga")))
                 got = (last["gate_up_silu"] if gas else last[name] if silu else accs[name]).float().clone()
                 if variant == "ship" or name not in ref:
                     ref[name] = got
@@ -361,7 +384,9 @@ def main() -> None:
 
             row[f"{name}_us"] = _graph_ms(one, args.rep_ms) / args.layers * 1e3
         print(variant, {k: round(v, 3) for k, v in row.items()}, flush=True)
-        if not variant.startswith("read"):
+        if variant.startswith("cu"):
+            row["split_k"] = dict(cu_split)
+        elif not variant.startswith("read"):
             row["split_k"] = {n: c.split_k for n, c in vc.items()}
         report["variants"][variant] = row
     for variant in args.variants:

@@ -1,0 +1,362 @@
+// Batch-1 W4A16 GEMV over the packed int4 layout (docs/layout.md, lmkiln-w4-tiled v1), fp16 activations.
+// Compiled at run time by NVRTC (kernels/cuda_jit.py); no CUDA headers needed.
+//
+// y[N] = x[K] @ W. A CTA is WARPS warps; warp w owns the 32-column block b = WARPS * blockIdx.x + w and the
+// K range of split blockIdx.y (whole 128-row chunks). In a warp, lane = 8 * r0 + cq reads 16 bytes (columns
+// 4 * cq .. 4 * cq + 3) of word-rows 4 * r0 .. 4 * r0 + 3 of every chunk (each warp load: four fully used
+// 128-byte lines). Word-row r holds rows (2r, 2r + 1) of the chunk's four 32-row slices (nibbles t, t + 4),
+// so the thread's activation pairs of slice t are 4 consecutive (x[k], x[k+1]) pairs: one 16-byte load
+// (L1-cached: every CTA of an SM reads the same x).
+//
+// Per word: four half2 (q - z) * s by the lop3 "1024 + q" trick (13 instructions, as kernels/w4a16.py's
+// fma path), four fma.rn.f16x2 with the activation pairs, a float32 flush every FLUSH word-rows.
+// Splits meet either by red.global.add.v4.f32 into a zeroed float32 output (REDUCE 0; the consumer zeroes
+// it again) or in order through a float32 workspace and a counter, the last CTA of a column tile writing
+// fp16 (REDUCE 1) or silu(gate) * up of an interleaved gate/up weight (REDUCE 2).
+// Programmatic dependent launch: weights (never written) may be read before griddepcontrol.wait.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+#define DEV __device__ __forceinline__
+
+DEV uint4 ld_stream(const uint4* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+DEV uint4 ld_nc(const uint4* p) {
+  uint4 v;
+  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+DEV u32 ld_nc32(const u32* p) {
+  u32 v;
+  asm("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+DEV void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+DEV void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+
+// One word -> four half2 (q - z) * s: slices 0, 2 by `1024 + q - (1024 + z)`, slices 1, 3 (nibbles shifted
+// by 4) by `(1024 + 16 q) / 16 - (64 + z)`; both exact, then one rounding by the scale.
+DEV void dequant(u32 w, u32 zs0, u32 zf1, u32 zs2, u32 zf3, u32 s0, u32 s1, u32 s2, u32 s3, u32& d0,
+                 u32& d1, u32& d2, u32& d3) {
+  asm("{\n"
+      ".reg .b32 u, a, b, c, d, k;\n"
+      "mov.b32 k, 0x2C002C00;\n"
+      "lop3.b32 a, %4, 0x000F000F, 0x64006400, 0xEA;\n"
+      "lop3.b32 b, %4, 0x00F000F0, 0x64006400, 0xEA;\n"
+      "shr.u32 u, %4, 8;\n"
+      "lop3.b32 c, u, 0x000F000F, 0x64006400, 0xEA;\n"
+      "lop3.b32 d, u, 0x00F000F0, 0x64006400, 0xEA;\n"
+      "sub.f16x2 a, a, %5;\n"
+      "fma.rn.f16x2 b, b, k, %6;\n"
+      "sub.f16x2 c, c, %7;\n"
+      "fma.rn.f16x2 d, d, k, %8;\n"
+      "mul.rn.f16x2 %0, a, %9;\n"
+      "mul.rn.f16x2 %1, b, %10;\n"
+      "mul.rn.f16x2 %2, c, %11;\n"
+      "mul.rn.f16x2 %3, d, %12;\n"
+      "}\n"
+      : "=r"(d0), "=r"(d1), "=r"(d2), "=r"(d3)
+      : "r"(w), "r"(zs0), "r"(zf1), "r"(zs2), "r"(zf3), "r"(s0), "r"(s1), "r"(s2), "r"(s3));
+}
+
+DEV u32 hfma2(u32 a, u32 b, u32 c) {
+  u32 d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+DEV float h2_sum(u32 a) {  // float(lo) + float(hi)
+  float r;
+  asm("{\n"
+      ".reg .b16 l, h;\n"
+      ".reg .f32 fl, fh;\n"
+      "mov.b32 {l, h}, %1;\n"
+      "cvt.f32.f16 fl, l;\n"
+      "cvt.f32.f16 fh, h;\n"
+      "add.f32 %0, fl, fh;\n"
+      "}\n"
+      : "=f"(r)
+      : "r"(a));
+  return r;
+}
+
+DEV u16 f32_to_f16(float f) {
+  u16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+DEV float f16_to_f32(u16 h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+// One group's zero points (4 bytes) and (s, m) pairs (16 bytes) for the thread's 4 columns, as loaded.
+struct GroupRaw {
+  u32 z4;
+  uint4 sm;
+};
+
+DEV GroupRaw load_group(const uint4* __restrict__ sz, const u32* __restrict__ zp, int g, int N, int n0) {
+  const size_t at = ((size_t)g * N + n0) >> 2;
+  return GroupRaw{ld_nc32(zp + at), ld_nc(sz + at)};
+}
+
+DEV u32 pick(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+DEV u32 zs_of(const GroupRaw& q, int i) { return (0x6400u + ((q.z4 >> (8 * i)) & 0xFFu)) * 0x10001u; }  // 1024 + z
+DEV u32 zf_of(const GroupRaw& q, int i) {  // -(64 + z)
+  return (0xD400u + 16u * ((q.z4 >> (8 * i)) & 0xFFu)) * 0x10001u;
+}
+DEV u32 s_of(const GroupRaw& q, int i) { return (pick(q.sm, i) & 0xFFFFu) * 0x10001u; }
+
+template <int GROUP, int UNROLL>
+struct Stage {
+  uint4 w[UNROLL][4];                // words: [chunk][word-row j]
+  GroupRaw q[UNROLL][128 / GROUP];   // per chunk, per group
+};
+
+template <int GROUP, int UNROLL>
+DEV void load_stage(Stage<GROUP, UNROLL>& st, const uint4* __restrict__ wp, const uint4* __restrict__ sz,
+                    const u32* __restrict__ zp, int c, int c_last, int N, int n0) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; u++) {
+    const int cc = min(c + u, c_last);  // past the split's end: re-read its last chunk (not computed)
+#pragma unroll
+    for (int j = 0; j < 4; j++) st.w[u][j] = ld_stream(wp + (size_t)(16 * cc + j) * 8);
+#pragma unroll
+    for (int gi = 0; gi < 128 / GROUP; gi++) st.q[u][gi] = load_group(sz, zp, cc * (128 / GROUP) + gi, N, n0);
+  }
+}
+
+template <int GROUP, int UNROLL, int FLUSH>
+DEV void compute_stage(const Stage<GROUP, UNROLL>& st, const uint4* __restrict__ xp, int c, int c_left,
+                       float acc[4]) {
+  constexpr int SPG = GROUP / 32;  // slices per group
+#pragma unroll
+  for (int u = 0; u < UNROLL; u++) {
+    if (u < c_left) {
+      uint4 xt[4];  // slice t: the pairs of word-rows 4 r0 .. 4 r0 + 3
+#pragma unroll
+      for (int t = 0; t < 4; t++) xt[t] = ld_nc(xp + (c + u) * 16 + 4 * t);
+      const GroupRaw& q0 = st.q[u][0 / SPG];
+      const GroupRaw& q1 = st.q[u][1 / SPG];
+      const GroupRaw& q2 = st.q[u][2 / SPG];
+      const GroupRaw& q3 = st.q[u][3 / SPG];
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        const u32 zs0 = zs_of(q0, i), zf1 = zf_of(q1, i), zs2 = zs_of(q2, i), zf3 = zf_of(q3, i);
+        const u32 s0 = s_of(q0, i), s1 = s_of(q1, i), s2 = s_of(q2, i), s3 = s_of(q3, i);
+        u32 h = 0;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+          u32 d0, d1, d2, d3;
+          dequant(pick(st.w[u][j], i), zs0, zf1, zs2, zf3, s0, s1, s2, s3, d0, d1, d2, d3);
+          if (j % FLUSH == 0) h = 0;
+          h = hfma2(pick(xt[0], j), d0, h);
+          h = hfma2(pick(xt[1], j), d1, h);
+          h = hfma2(pick(xt[2], j), d2, h);
+          h = hfma2(pick(xt[3], j), d3, h);
+          if (j % FLUSH == FLUSH - 1) acc[i] += h2_sum(h);
+        }
+      }
+    }
+  }
+}
+
+// Tensor-core path (TC): (q - z) * 2^-24 as exact fp16 subnormals (nibbles masked in place, no OR), the dot
+// products on mma.m16n8k16 with float32 accumulation, the scale * 2^24 applied once per group and column.
+// Lane = 4 * g + c: g picks the column quad (4 g .. 4 g + 3 of the warp's block), c the word-rows
+// 4 c .. 4 c + 3. An mma's A rows are two of the thread's columns (g, g + 8 <-> columns i0, i1), its k pairs
+// c and c + 4 two of its word-rows (j0, j1) in one slice t; B is the activation pairs of those rows, the same
+// in every token column, so every lane ends with the whole warp's sum for its columns (no shuffles).
+DEV void dequant_tc(u32 w, u32 z0, u32 nz1, u32 z2, u32 nz3, u32& d0, u32& d1, u32& d2, u32& d3) {
+  asm("{\n"
+      ".reg .b32 u, a, b, c, d, k;\n"
+      "mov.b32 k, 0x2C002C00;\n"  // 1/16: slices 1 and 3 sit 4 bits up
+      "and.b32 a, %4, 0x000F000F;\n"
+      "and.b32 b, %4, 0x00F000F0;\n"
+      "shr.u32 u, %4, 8;\n"
+      "and.b32 c, u, 0x000F000F;\n"
+      "and.b32 d, u, 0x00F000F0;\n"
+      "sub.f16x2 %0, a, %5;\n"
+      "fma.rn.f16x2 %1, b, k, %6;\n"
+      "sub.f16x2 %2, c, %7;\n"
+      "fma.rn.f16x2 %3, d, k, %8;\n"
+      "}\n"
+      : "=r"(d0), "=r"(d1), "=r"(d2), "=r"(d3)
+      : "r"(w), "r"(z0), "r"(nz1), "r"(z2), "r"(nz3));
+}
+
+DEV void mma16816(float c[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+DEV u32 zsub_of(const GroupRaw& q, int i) { return ((q.z4 >> (8 * i)) & 0xFFu) * 0x10001u; }  // z 2^-24
+DEV u32 nzsub_of(const GroupRaw& q, int i) {  // -z 2^-24
+  return (0x8000u | ((q.z4 >> (8 * i)) & 0xFFu)) * 0x10001u;
+}
+DEV float scale_of(const GroupRaw& q, int i) { return f16_to_f32((u16)(pick(q.sm, i) & 0xFFFFu)) * 16777216.0f; }
+
+template <int GROUP, int UNROLL>
+DEV void compute_stage_tc(const Stage<GROUP, UNROLL>& st, const uint4* __restrict__ xp, int c, int c_left,
+                          float acc[4]) {
+  constexpr int SPG = GROUP / 32, NG = 128 / GROUP;
+#pragma unroll
+  for (int u = 0; u < UNROLL; u++) {
+    if (u < c_left) {
+      uint4 xt[4];  // slice t: the pairs of word-rows 4 c .. 4 c + 3
+#pragma unroll
+      for (int t = 0; t < 4; t++) xt[t] = ld_nc(xp + (c + u) * 16 + 4 * t);
+      u32 d[4][4][4];  // [word-row j][column i][slice t]
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+          dequant_tc(pick(st.w[u][j], i), zsub_of(st.q[u][0 / SPG], i), nzsub_of(st.q[u][1 / SPG], i),
+                     zsub_of(st.q[u][2 / SPG], i), nzsub_of(st.q[u][3 / SPG], i), d[j][i][0], d[j][i][1],
+                     d[j][i][2], d[j][i][3]);
+        }
+      }
+#pragma unroll
+      for (int ip = 0; ip < 2; ip++) {
+        float cg[NG][4];
+#pragma unroll
+        for (int gi = 0; gi < NG; gi++) cg[gi][0] = cg[gi][1] = cg[gi][2] = cg[gi][3] = 0.f;
+#pragma unroll
+        for (int t = 0; t < 4; t++) {
+#pragma unroll
+          for (int jp = 0; jp < 2; jp++) {
+            mma16816(cg[t / SPG], d[2 * jp][2 * ip][t], d[2 * jp][2 * ip + 1][t], d[2 * jp + 1][2 * ip][t],
+                     d[2 * jp + 1][2 * ip + 1][t], pick(xt[t], 2 * jp), pick(xt[t], 2 * jp + 1));
+          }
+        }
+#pragma unroll
+        for (int gi = 0; gi < NG; gi++) {
+          acc[2 * ip] += cg[gi][0] * scale_of(st.q[u][gi], 2 * ip);
+          acc[2 * ip + 1] += cg[gi][2] * scale_of(st.q[u][gi], 2 * ip + 1);
+        }
+      }
+    }
+  }
+}
+
+template <int GROUP, int UNROLL, int FLUSH, bool TC>
+DEV void compute(const Stage<GROUP, UNROLL>& st, const uint4* __restrict__ xp, int c, int c_left, float acc[4]) {
+  if (TC) {
+    compute_stage_tc<GROUP, UNROLL>(st, xp, c, c_left, acc);
+  } else {
+    compute_stage<GROUP, UNROLL, FLUSH>(st, xp, c, c_left, acc);
+  }
+}
+
+// ws: float32 [tiles, splits, 32 * WARPS]; cnt: int32 [tiles], zero before and after.
+template <int WARPS, int REDUCE, bool TC>
+DEV void finish(float acc[4], float* __restrict__ out, u16* __restrict__ y, float* __restrict__ ws,
+                int* __restrict__ cnt, int N, float* red_smem) {
+  constexpr int T = 32 * WARPS;  // columns of a tile
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int cq = TC ? lane >> 2 : lane & 7;  // column quad
+  const bool writer = TC ? (lane & 3) == 0 : lane < 8;
+  const int b = blockIdx.x * WARPS + warp;
+  if (!TC) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], 8);
+      acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], 16);
+    }
+  }
+  if (REDUCE == 0) {
+    if (writer && b * 32 < N) {
+      float* p = out + b * 32 + 4 * cq;
+      asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
+                   :: "l"(p), "f"(acc[0]), "f"(acc[1]), "f"(acc[2]), "f"(acc[3]) : "memory");
+    }
+    return;
+  }
+  const int splits = gridDim.y, tile = blockIdx.x;
+  float* base = ws + (size_t)tile * splits * T;
+  if (writer) {
+    *reinterpret_cast<float4*>(base + blockIdx.y * T + warp * 32 + 4 * cq) =
+        make_float4(acc[0], acc[1], acc[2], acc[3]);
+  }
+  __threadfence();
+  __syncthreads();
+  __shared__ int last;
+  if (threadIdx.x == 0) {
+    int prev;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(prev) : "l"(cnt + tile) : "memory");
+    last = prev == splits - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  // the last CTA of this tile: thread t sums column t of the tile in split order (deterministic)
+  float s = 0.f;
+  for (int k = 0; k < splits; k++) s += __ldcg(base + k * T + threadIdx.x);
+  const int col0 = tile * T;
+  if (REDUCE == 1) {
+    if (col0 + (int)threadIdx.x < N) y[col0 + threadIdx.x] = f32_to_f16(s);
+  } else {
+    // interleaved gate/up: 32-column blocks [g, u, g, u, ...]; output o of the tile = pair o / 32, column o % 32
+    red_smem[threadIdx.x] = f16_to_f32(f32_to_f16(s));  // the GEMM output rounded to fp16
+    __syncthreads();
+    const int p = threadIdx.x / 32, c = threadIdx.x % 32;
+    if (threadIdx.x < T / 2 && col0 + 64 * p < N) {
+      const float g = red_smem[64 * p + c], u = red_smem[64 * p + 32 + c];
+      const float sg = f16_to_f32(f32_to_f16(g / (1.0f + expf(-g))));  // as kernels/fused.py silu_mul
+      y[tile * (T / 2) + threadIdx.x] = f32_to_f16(sg * u);
+    }
+  }
+  if (threadIdx.x == 0) cnt[tile] = 0;
+}
+
+// grid (ceil(N / (32 * WARPS)), splits), 32 * WARPS threads; `per` chunks a split.
+template <int GROUP, int UNROLL, int FLUSH, int REDUCE, bool PRELOAD, bool PIPE, int WARPS, bool TC>
+__global__ void __launch_bounds__(32 * WARPS) w4a16_gemv(
+    const uint4* __restrict__ x, const uint4* __restrict__ qw, const uint4* __restrict__ sz,
+    const u32* __restrict__ zp, float* __restrict__ out, u16* __restrict__ y, float* __restrict__ ws,
+    int* __restrict__ cnt, int N, int KW, int n_chunks, int per) {
+  static_assert(REDUCE != 2 || WARPS % 2 == 0, "the SiLU epilogue needs gate/up block pairs in a tile");
+  __shared__ float red_smem[REDUCE == 2 ? 32 * WARPS : 1];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r0 = TC ? lane & 3 : lane >> 3, cq = TC ? lane >> 2 : lane & 7;  // word-row quad, column quad
+  const int b = min(blockIdx.x * WARPS + warp, N / 32 - 1);  // a warp past N computes a copy, never stored
+  const int n0 = b * 32 + 4 * cq;
+  const int c_lo = blockIdx.y * per;
+  const int c_hi = min(c_lo + per, n_chunks);
+  const uint4* wp = qw + (size_t)b * KW * 8 + (4 * r0) * 8 + cq;
+  const uint4* xp = x + r0;  // + 16 c + 4 t: pairs 64 c + 16 t + 4 r0 .. + 3
+
+  Stage<GROUP, UNROLL> cur;
+  if (PRELOAD && c_lo < c_hi) load_stage<GROUP, UNROLL>(cur, wp, sz, zp, c_lo, c_hi - 1, N, n0);
+  pdl_wait();
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (!PRELOAD && c_lo < c_hi) load_stage<GROUP, UNROLL>(cur, wp, sz, zp, c_lo, c_hi - 1, N, n0);
+  for (int c = c_lo; c < c_hi; c += UNROLL) {
+    const bool more = c + UNROLL < c_hi;
+    if (PIPE) {  // the next iteration's loads in flight while this one computes
+      Stage<GROUP, UNROLL> nxt;
+      if (more) load_stage<GROUP, UNROLL>(nxt, wp, sz, zp, c + UNROLL, c_hi - 1, N, n0);
+      compute<GROUP, UNROLL, FLUSH, TC>(cur, xp, c, c_hi - c, acc);
+      if (more) cur = nxt;
+    } else {
+      compute<GROUP, UNROLL, FLUSH, TC>(cur, xp, c, c_hi - c, acc);
+      if (more) load_stage<GROUP, UNROLL>(cur, wp, sz, zp, c + UNROLL, c_hi - 1, N, n0);
+    }
+  }
+  pdl_trigger();
+  finish<WARPS, REDUCE, TC>(acc, out, y, ws, cnt, N, red_smem);
+}

@@ -1,0 +1,193 @@
+"""Launcher of the CUDA C++ batch-1 GEMV (``kernels/cuda/w4a16_gemv.cu``; built by :mod:`cuda_jit`), the
+dispatcher's kernel kind ``"cuda"`` (``KernelConfig``: ``split_k``, ``num_warps``, ``chunks`` = chunks an
+iteration, ``num_stages`` 2 = the next iteration's loads issued first, ``zfold`` = tensor cores, ``flush``).
+
+``gemv(x, qweight, sz, zeros, split_k, ...)`` computes ``y [1, N] = x [1, K] @ W`` for fp16 ``x`` over the
+packed layout (docs/layout.md). Split-K partials meet as the Triton ``fma`` kernel's do (``w4a16.fma``):
+``reduce="atomic"`` adds them into a zeroed float32 ``out`` the caller owns and must zero again;
+``"ordered"`` sums them in split order through a float32 workspace (deterministic) and writes fp16, or with
+``silu=True`` ``silu(gate) * up`` of an interleaved gate/up weight (``lmkiln.quant.pack.gate_up_interleave``).
+The pure-torch reference is ``reference.w4a16_matmul_ref``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+from lmkiln.kernels import cuda_jit, pdl
+
+from lmkiln.errors import QuantConfigError
+from lmkiln.quant.pack import GATE_UP_BLOCK, PACK_K, PACK_N
+
+SOURCE = "w4a16_gemv.cu"
+ENABLE_ENV = "LMKILN_CUDA_GEMV"
+REDUCE = {"atomic": 0, "ordered": 1, "silu": 2}
+# no FMA contraction: the SiLU epilogue rounds as kernels/fused.py's silu_mul (Triton, fp fusion off) does
+OPTIONS = ("--fmad=false",)
+
+
+@dataclass(frozen=True)
+class CudaGemvOptions:
+    """Template choices of the kernel: ``unroll`` chunks an iteration, ``flush`` word-rows per half2 partial,
+    ``preload`` the first iteration's weights loaded before the PDL wait, ``pipe`` the next iteration's loads
+    issued before this one's math (double-buffered registers), ``warps`` a CTA (one 32-column block each),
+    ``tc`` the dot products on the tensor cores (``mma.m16n8k16``, float32 sums; ``flush`` unused)."""
+
+    unroll: int = 2
+    flush: int = 1
+    preload: bool = True
+    pipe: bool = True
+    warps: int = 2
+    tc: bool = False
+
+    def __post_init__(self) -> None:
+        if self.unroll not in (1, 2, 4) or self.flush not in (1, 2, 4) or self.warps not in (1, 2, 4, 8):
+            raise QuantConfigError(
+                f"cuda gemv: unroll and flush must be 1, 2 or 4 and warps 1, 2, 4 or 8, got {self}"
+            )
+
+    def replace(self, **kw) -> CudaGemvOptions:
+        return dataclasses.replace(self, **kw)
+
+
+def plan(n_chunks: int, split_k: int) -> tuple[int, int]:
+    """``(splits, chunks per split)`` for ``split_k`` requested: no split left empty."""
+    per = -(-n_chunks // max(1, min(split_k, n_chunks)))
+    return -(-n_chunks // per), per
+
+
+def gemv(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    sz: torch.Tensor,
+    zeros: torch.Tensor,
+    split_k: int,
+    out: torch.Tensor | None = None,
+    reduce: str = "atomic",
+    silu: bool = False,
+    scratch: torch.Tensor | None = None,
+    options: CudaGemvOptions | None = None,
+) -> torch.Tensor:
+    opts = options or CudaGemvOptions()
+    if x.device.type != "cuda" or x.dtype != torch.float16:
+        raise QuantConfigError(
+            f"cuda gemv takes fp16 activations on a CUDA device, got {x.dtype} on {x.device}"
+        )
+    if x.dim() != 2 or x.shape[0] != 1:
+        raise QuantConfigError(f"cuda gemv takes exactly one row [1, K], got {tuple(x.shape)}")
+    k = x.shape[1]
+    if qweight.dtype != torch.int32 or qweight.dim() != 3 or qweight.shape[2] != PACK_N:
+        raise QuantConfigError(
+            f"qweight must be int32 [N/32, K/8, 32], got {qweight.dtype} {tuple(qweight.shape)}"
+        )
+    n = qweight.shape[0] * PACK_N
+    if qweight.shape[1] * 8 != k or k % PACK_K:
+        raise QuantConfigError(
+            f"qweight {tuple(qweight.shape)} does not match K={k} (a multiple of {PACK_K})"
+        )
+    if sz.dtype != torch.float16 or sz.dim() != 3 or sz.shape[1:] != (n, 2) or k % sz.shape[0]:
+        raise QuantConfigError(f"sz must be float16 [K/G, {n}, 2], got {sz.dtype} {tuple(sz.shape)}")
+    group = k // sz.shape[0]
+    if group not in (32, 64, 128):
+        raise QuantConfigError(f"cuda gemv supports group sizes 32, 64 and 128, got {group}")
+    if zeros is None or zeros.dtype != torch.uint8 or tuple(zeros.shape) != (k // group, n):
+        got = "None" if zeros is None else f"{zeros.dtype} {tuple(zeros.shape)}"
+        raise QuantConfigError(f"zeros must be uint8 [{k // group}, {n}], got {got}")
+    for name, t in (("qweight", qweight), ("sz", sz), ("zeros", zeros)):
+        if not t.is_contiguous() or t.device != x.device:
+            raise QuantConfigError(f"{name} must be contiguous and on {x.device}")
+    mode = "silu" if silu else reduce
+    if mode not in REDUCE or (silu and reduce != "ordered"):
+        raise QuantConfigError(
+            f"cuda gemv: reduce={reduce!r} silu={silu}; use 'atomic', or 'ordered' (+ silu)"
+        )
+    if silu and (n % (2 * GATE_UP_BLOCK) or opts.warps % 2):
+        raise QuantConfigError(
+            f"the SiLU epilogue needs N a multiple of {2 * GATE_UP_BLOCK} (got {n}) and an even number of "
+            f"warps (got {opts.warps})"
+        )
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        x = x.contiguous().clone()  # the kernel reads activations 16 bytes at a time
+    n_chunks = k // PACK_K
+    splits, per = plan(n_chunks, split_k)
+    tile_n = 32 * opts.warps
+    tiles = -(-n // tile_n)
+    dev = x.device
+    if mode == "atomic":
+        if out is None or out.dtype != torch.float32 or tuple(out.shape) != (1, n) or not out.is_contiguous():
+            got = "None" if out is None else f"{out.dtype} {tuple(out.shape)}"
+            raise QuantConfigError(
+                f"reduce='atomic' adds into `out`: pass a zeroed float32 [1, {n}], got {got}"
+            )
+        y = out
+        # float32 out; fp16 y, workspace and counters unused
+        buffers = [out, torch.empty(0, dtype=torch.float16, device=dev), out, out.view(torch.int32)]
+    else:
+        width = n // 2 if silu else n
+        y = out if out is not None else torch.empty((1, width), dtype=torch.float16, device=dev)
+        if y.dtype != torch.float16 or tuple(y.shape) != (1, width) or not y.is_contiguous():
+            raise QuantConfigError(
+                f"out must be a contiguous float16 [1, {width}], got {y.dtype} {tuple(y.shape)}"
+            )
+        if scratch is None:
+            scratch = torch.zeros(tiles, dtype=torch.int32, device=dev)
+        if scratch.dtype != torch.int32 or scratch.numel() < tiles or scratch.device != dev:
+            raise QuantConfigError(f"scratch must be a zeroed int32 tensor of >= {tiles} counters on {dev}")
+        ws = torch.empty(tiles * splits * tile_n, dtype=torch.float32, device=dev)
+        buffers = [ws, y, ws, scratch]  # float32 out unused
+    name = (
+        f"w4a16_gemv<{group}, {opts.unroll}, {opts.flush}, {REDUCE[mode]}, "
+        f"{str(opts.preload).lower()}, {str(opts.pipe).lower()}, {opts.warps}, {str(opts.tc).lower()}>"
+    )
+    kern = cuda_jit.kernel(SOURCE, name, dev, OPTIONS)
+    kern(
+        (tiles, splits),
+        (tile_n,),
+        [x, qweight, sz, zeros, *buffers, n, k // 8, n_chunks, per],
+        pdl=pdl.enabled(dev),
+    )
+    return y
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether the dispatcher may pick this kernel on ``device``: CUDA, compute capability >= 8 (mma.m16n8k16,
+    ``red.v4`` needs 9: checked at build), NVRTC loadable, and ``LMKILN_CUDA_GEMV`` not 0 (an A/B switch, read
+    at every call)."""
+    choice = os.environ.get(ENABLE_ENV, "").strip()
+    if choice not in ("", "0", "1"):
+        raise QuantConfigError(f"{ENABLE_ENV}={choice!r}: use 0 (off), 1 (on where supported) or leave unset")
+    if choice == "0" or device.type != "cuda" or pdl.interpreting():
+        return False
+    return _supported(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _supported(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9 and cuda_jit.available()
+
+
+def options_of(cfg) -> CudaGemvOptions:
+    """The kernel's template choices from a ``w4a16.KernelConfig`` of kind ``"cuda"``."""
+    return CudaGemvOptions(
+        unroll=cfg.chunks, flush=cfg.flush, pipe=cfg.num_stages > 1, warps=cfg.num_warps, tc=cfg.zfold
+    )
+
+
+def launch(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    sz: torch.Tensor,
+    zeros: torch.Tensor | None,
+    cfg,
+    scratch: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    silu: bool = False,
+    reduce: str = "ordered",
+) -> torch.Tensor:
+    """``w4a16.LAUNCHERS["cuda"]``: :func:`gemv` with a ``KernelConfig`` (the ``fma`` launcher's
+    signature)."""
+    return gemv(x, qweight, sz, zeros, cfg.split_k, out, reduce, silu, scratch, options_of(cfg))
