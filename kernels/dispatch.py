@@ -105,12 +105,12 @@ def heuristic_config(
     m: int, n: int, k: int, group_size: int, sm_count: int = 132, fma: bool = True, cuda: bool = False
 ):
     """A config without a tuned table, shaped like what won on the H100/H200 (see notes/kernels.md):
-    M == 1 with ``cuda`` (fp16, NVRTC available) the CUDA C++ GEMV on the tensor cores, 4 warps (128 columns)
-    a CTA and about 6 CTAs an SM; M == 1 otherwise (and M == 2 where N is not a multiple of 64) the CUDA-core
-    ``fma`` kernel (every dequantized weight reused across the rows; ``fma=False``, used for bf16 whose fma
-    path has no packed-fp16 arithmetic: the M == 1 GEMV), M <= 256 the swapped-operand tensor-core tiles
-    (``mma_t``: 16-64 tokens a tile, split-K to fill the GPU; ``mma`` where N is not a multiple of 64),
-    larger M dequantize + cuBLAS."""
+    M == 1 with ``cuda`` (fp16, NVRTC available) the CUDA C++ GEMV on the tensor cores, a 32-column block
+    and 8 warps over its K range a CTA, about 3 CTAs an SM; M == 1 otherwise (and M == 2 where N is not a
+    multiple of 64) the CUDA-core ``fma`` kernel (every dequantized weight reused across the rows;
+    ``fma=False``, used for bf16 whose fma path has no packed-fp16 arithmetic: the M == 1 GEMV), M <= 256
+    the swapped-operand tensor-core tiles (``mma_t``: 16-64 tokens a tile, split-K to fill the GPU; ``mma``
+    where N is not a multiple of 64), larger M dequantize + cuBLAS."""
     w4a16 = _triton_mod()
     n_chunks = k // PACK_K
 
@@ -118,19 +118,19 @@ def heuristic_config(
         return max(1, min(n_chunks, most, round(ctas_per_sm * sm_count / tiles)))
 
     if m == 1 and fma and cuda:
-        # H100, the 7B linears (notes/kernels.md, session 14): 6 CTAs an SM gave qkv 8, o 16, gate/up 5, down
-        # 22 splits, each within 2 % of the best split measured
+        # one 32-column block a CTA, its K range split over 8 warps (partials meet in shared memory), about
+        # 3 such CTAs an SM (H100, the 7B linears, notes/kernels.md, session 14: qkv 1, o 3, down 3 splits)
         return w4a16.KernelConfig(
             kind="cuda",
-            block_n=128,
-            split_k=split_for(-(-n // 128), 6, n_chunks),
-            num_warps=4,
+            block_n=32,
+            split_k=split_for(-(-n // 32), 3, n_chunks),
+            num_warps=1,
+            ksplit=8,
             num_stages=1,
             chunks=1,
             flush=1,
             zfold=True,
         )
-
     if m == 1 and not fma:
         bn = _divisor_block(n, (256, 128, 64, 32))
         return w4a16.KernelConfig(
@@ -266,8 +266,10 @@ def w4a16_matmul(
     if cfg.zfold and cfg.kind == "mma" and zeros is None:
         cfg = dataclasses.replace(cfg, zfold=False)
     if silu and cfg.kind == "cuda":
-        if cfg.num_warps % 2:  # a CTA must hold a gate block and its up block
-            cfg = dataclasses.replace(cfg, num_warps=2 * cfg.num_warps, block_n=64 * cfg.num_warps)
+        if cfg.num_warps % 2:  # a CTA must hold a gate block and its up block: twice the columns, same warps
+            cfg = dataclasses.replace(
+                cfg, num_warps=2 * cfg.num_warps, block_n=64 * cfg.num_warps, ksplit=max(1, cfg.ksplit // 2)
+            )
         y = w4a16.LAUNCHERS["cuda"](x2, qweight, sz, zeros, cfg, scratch, silu=True)
         return y.reshape(*lead, n // 2)
     if silu and cfg.kind == "fma":

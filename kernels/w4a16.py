@@ -77,6 +77,8 @@ class KernelConfig:
     # ``kernels.pdl.DEFAULT_PREFETCH_MB``; the H100 table keeps it: 8 MiB for o, which follows attention, was
     # slower, scripts/experiments/o_prefetch.py)
     prefetch_mb: float = -1.0
+    # kind "cuda" only: warps splitting the K range of each column block inside a CTA
+    ksplit: int = 1
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -34,8 +34,9 @@ OPTIONS = ("--fmad=false",)
 class CudaGemvOptions:
     """Template choices of the kernel: ``unroll`` chunks an iteration, ``flush`` word-rows per half2 partial,
     ``preload`` the first iteration's weights loaded before the PDL wait, ``pipe`` the next iteration's loads
-    issued before this one's math (double-buffered registers), ``warps`` a CTA (one 32-column block each),
-    ``tc`` the dot products on the tensor cores (``mma.m16n8k16``, float32 sums; ``flush`` unused)."""
+    issued before this one's math (double-buffered registers), ``warps`` column blocks of 32 a CTA, each
+    with ``ksplit`` warps splitting the K range (their partials meet in shared memory), ``tc`` the dot
+    products on the tensor cores (``mma.m16n8k16``, float32 sums; ``flush`` unused)."""
 
     unroll: int = 2
     flush: int = 1
@@ -43,11 +44,20 @@ class CudaGemvOptions:
     pipe: bool = True
     warps: int = 2
     tc: bool = False
+    ksplit: int = 1
+    defines: tuple[str, ...] = ()  # experiments only: -D macros of the source (LMKILN_CHAINS, LMKILN_NOMATH)
 
     def __post_init__(self) -> None:
-        if self.unroll not in (1, 2, 4) or self.flush not in (1, 2, 4) or self.warps not in (1, 2, 4, 8):
+        if (
+            self.unroll not in (1, 2, 4)
+            or self.flush not in (1, 2, 4)
+            or self.warps not in (1, 2, 4, 8)
+            or self.ksplit not in (1, 2, 4, 8)
+            or self.warps * self.ksplit > 32
+        ):
             raise QuantConfigError(
-                f"cuda gemv: unroll and flush must be 1, 2 or 4 and warps 1, 2, 4 or 8, got {self}"
+                "cuda gemv: unroll and flush must be 1, 2 or 4, warps and ksplit 1, 2, 4 or 8 with "
+                f"warps x ksplit <= 32, got {self}"
             )
 
     def replace(self, **kw) -> CudaGemvOptions:
@@ -141,12 +151,13 @@ def gemv(
         buffers = [ws, y, ws, scratch]  # float32 out unused
     name = (
         f"w4a16_gemv<{group}, {opts.unroll}, {opts.flush}, {REDUCE[mode]}, "
-        f"{str(opts.preload).lower()}, {str(opts.pipe).lower()}, {opts.warps}, {str(opts.tc).lower()}>"
+        f"{str(opts.preload).lower()}, {str(opts.pipe).lower()}, {opts.warps}, {str(opts.tc).lower()}, "
+        f"{opts.ksplit}>"
     )
-    kern = cuda_jit.kernel(SOURCE, name, dev, OPTIONS)
+    kern = cuda_jit.kernel(SOURCE, name, dev, OPTIONS + tuple(f"-D{d}" for d in opts.defines))
     kern(
         (tiles, splits),
-        (tile_n,),
+        (tile_n * opts.ksplit,),
         [x, qweight, sz, zeros, *buffers, n, k // 8, n_chunks, per],
         pdl=pdl.enabled(dev),
     )
@@ -173,7 +184,12 @@ def _supported(device: torch.device) -> bool:
 def options_of(cfg) -> CudaGemvOptions:
     """The kernel's template choices from a ``w4a16.KernelConfig`` of kind ``"cuda"``."""
     return CudaGemvOptions(
-        unroll=cfg.chunks, flush=cfg.flush, pipe=cfg.num_stages > 1, warps=cfg.num_warps, tc=cfg.zfold
+        unroll=cfg.chunks,
+        flush=cfg.flush,
+        pipe=cfg.num_stages > 1,
+        warps=cfg.num_warps,
+        tc=cfg.zfold,
+        ksplit=cfg.ksplit,
     )
 
 

@@ -1,8 +1,8 @@
 // Batch-1 W4A16 GEMV over the packed int4 layout (docs/layout.md, lmkiln-w4-tiled v1), fp16 activations.
 // Compiled at run time by NVRTC (kernels/cuda_jit.py); no CUDA headers needed.
 //
-// y[N] = x[K] @ W. A CTA is WARPS warps; warp w owns the 32-column block b = WARPS * blockIdx.x + w and the
-// K range of split blockIdx.y (whole 128-row chunks). In a warp, lane = 8 * r0 + cq reads 16 bytes (columns
+// y[N] = x[K] @ W. A CTA is WARPS x KSPLIT warps; warp w owns the 32-column block b = WARPS * blockIdx.x +
+// w % WARPS and part w / WARPS of the K range of split blockIdx.y (whole 128-row chunks). In a warp, lane = 8 * r0 + cq reads 16 bytes (columns
 // 4 * cq .. 4 * cq + 3) of word-rows 4 * r0 .. 4 * r0 + 3 of every chunk (each warp load: four fully used
 // 128-byte lines). Word-row r holds rows (2r, 2r + 1) of the chunk's four 32-row slices (nibbles t, t + 4),
 // so the thread's activation pairs of slice t are 4 consecutive (x[k], x[k+1]) pairs: one 16-byte load
@@ -210,6 +210,11 @@ DEV u32 nzsub_of(const GroupRaw& q, int i) {  // -z 2^-24
 }
 DEV float scale_of(const GroupRaw& q, int i) { return f16_to_f32((u16)(pick(q.sm, i) & 0xFFFFu)) * 16777216.0f; }
 
+#ifndef LMKILN_CHAINS
+#define LMKILN_CHAINS 2
+#endif
+constexpr int CHAINS = LMKILN_CHAINS;  // independent mma accumulators a column pair (1 or 2)
+
 template <int GROUP, int UNROLL>
 DEV void compute_stage_tc(const Stage<GROUP, UNROLL>& st, const uint4* __restrict__ xp, int c, int c_left,
                           float acc[4]) {
@@ -230,25 +235,40 @@ DEV void compute_stage_tc(const Stage<GROUP, UNROLL>& st, const uint4* __restric
                      d[j][i][2], d[j][i][3]);
         }
       }
+#ifdef LMKILN_NOMATH  // experiment: the loads and the loop without the dot products
+      u32 h = 0;
+#pragma unroll
+      for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) h ^= d[j][i][0] ^ d[j][i][1] ^ d[j][i][2] ^ d[j][i][3] ^ xt[i].x ^ xt[j].y;
+      acc[0] += __int_as_float(h & 0x007FFFFF);
+#else
 #pragma unroll
       for (int ip = 0; ip < 2; ip++) {
-        float cg[NG][4];
+        float cg[CHAINS][NG][4];  // CHAINS independent mma chains (word-row pairs), summed per group
 #pragma unroll
-        for (int gi = 0; gi < NG; gi++) cg[gi][0] = cg[gi][1] = cg[gi][2] = cg[gi][3] = 0.f;
+        for (int ch = 0; ch < CHAINS; ch++)
+#pragma unroll
+          for (int gi = 0; gi < NG; gi++) cg[ch][gi][0] = cg[ch][gi][1] = cg[ch][gi][2] = cg[ch][gi][3] = 0.f;
 #pragma unroll
         for (int t = 0; t < 4; t++) {
 #pragma unroll
           for (int jp = 0; jp < 2; jp++) {
-            mma16816(cg[t / SPG], d[2 * jp][2 * ip][t], d[2 * jp][2 * ip + 1][t], d[2 * jp + 1][2 * ip][t],
-                     d[2 * jp + 1][2 * ip + 1][t], pick(xt[t], 2 * jp), pick(xt[t], 2 * jp + 1));
+            mma16816(cg[jp % CHAINS][t / SPG], d[2 * jp][2 * ip][t], d[2 * jp][2 * ip + 1][t],
+                     d[2 * jp + 1][2 * ip][t], d[2 * jp + 1][2 * ip + 1][t], pick(xt[t], 2 * jp),
+                     pick(xt[t], 2 * jp + 1));
           }
         }
 #pragma unroll
         for (int gi = 0; gi < NG; gi++) {
-          acc[2 * ip] += cg[gi][0] * scale_of(st.q[u][gi], 2 * ip);
-          acc[2 * ip + 1] += cg[gi][2] * scale_of(st.q[u][gi], 2 * ip + 1);
+          float c0 = cg[0][gi][0], c2 = cg[0][gi][2];
+#pragma unroll
+          for (int ch = 1; ch < CHAINS; ch++) c0 += cg[ch][gi][0], c2 += cg[ch][gi][2];
+          acc[2 * ip] += c0 * scale_of(st.q[u][gi], 2 * ip);
+          acc[2 * ip + 1] += c2 * scale_of(st.q[u][gi], 2 * ip + 1);
         }
       }
+#endif
     }
   }
 }
@@ -262,15 +282,23 @@ DEV void compute(const Stage<GROUP, UNROLL>& st, const uint4* __restrict__ xp, i
   }
 }
 
-// ws: float32 [tiles, splits, 32 * WARPS]; cnt: int32 [tiles], zero before and after.
-template <int WARPS, int REDUCE, bool TC>
+// The tile's column sums, then the splits. KSPLIT warps a column block each hold the partial of their part of
+// the split's chunks; they meet in shared memory in k-part order (thread t < T then holds column t). The
+// splits (gridDim.y) meet as REDUCE says: 0 red.global.add into the float32 `out`; 1 / 2 in split order
+// through the workspace ws (float32 [tiles, splits, T]) and the counters cnt (int32 [tiles], zero before and
+// after; with one split neither is touched), the last CTA of a tile writing fp16 `y` (2: silu(gate) * up).
+template <int WARPS, int KSPLIT, int REDUCE, bool TC>
 DEV void finish(float acc[4], float* __restrict__ out, u16* __restrict__ y, float* __restrict__ ws,
-                int* __restrict__ cnt, int N, float* red_smem) {
+                int* __restrict__ cnt, int N) {
   constexpr int T = 32 * WARPS;  // columns of a tile
+  __shared__ float part[KSPLIT * T];
+  __shared__ float tile_v[REDUCE == 2 ? T : 1];
+  __shared__ int last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int cb = warp % WARPS, kp = warp / WARPS;
   const int cq = TC ? lane >> 2 : lane & 7;  // column quad
   const bool writer = TC ? (lane & 3) == 0 : lane < 8;
-  const int b = blockIdx.x * WARPS + warp;
+  const int b = blockIdx.x * WARPS + cb;
   if (!TC) {
 #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -278,7 +306,7 @@ DEV void finish(float acc[4], float* __restrict__ out, u16* __restrict__ y, floa
       acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], 16);
     }
   }
-  if (REDUCE == 0) {
+  if (KSPLIT == 1 && REDUCE == 0) {  // one partial a column: straight to the output
     if (writer && b * 32 < N) {
       float* p = out + b * 32 + 4 * cq;
       asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
@@ -286,57 +314,71 @@ DEV void finish(float acc[4], float* __restrict__ out, u16* __restrict__ y, floa
     }
     return;
   }
-  const int splits = gridDim.y, tile = blockIdx.x;
-  float* base = ws + (size_t)tile * splits * T;
-  if (writer) {
-    *reinterpret_cast<float4*>(base + blockIdx.y * T + warp * 32 + 4 * cq) =
-        make_float4(acc[0], acc[1], acc[2], acc[3]);
-  }
-  __threadfence();
+  if (writer) *reinterpret_cast<float4*>(part + kp * T + cb * 32 + 4 * cq) = make_float4(acc[0], acc[1], acc[2], acc[3]);
   __syncthreads();
-  __shared__ int last;
-  if (threadIdx.x == 0) {
-    int prev;
-    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(prev) : "l"(cnt + tile) : "memory");
-    last = prev == splits - 1;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  // the last CTA of this tile: thread t sums column t of the tile in split order (deterministic)
+  const int t = threadIdx.x, tile = blockIdx.x, col0 = tile * T;
   float s = 0.f;
-  for (int k = 0; k < splits; k++) s += __ldcg(base + k * T + threadIdx.x);
-  const int col0 = tile * T;
+  if (t < T) {
+#pragma unroll
+    for (int k = 0; k < KSPLIT; k++) s += part[k * T + t];
+  }
+  if (REDUCE == 0) {
+    if (t < T && col0 + t < N) asm volatile("red.relaxed.gpu.global.add.f32 [%0], %1;" :: "l"(out + col0 + t), "f"(s) : "memory");
+    return;
+  }
+  const int splits = gridDim.y;
+  if (splits > 1) {
+    float* base = ws + (size_t)tile * splits * T;
+    if (t < T) base[blockIdx.y * T + t] = s;
+    __threadfence();
+    __syncthreads();
+    if (t == 0) {
+      int prev;
+      asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(prev) : "l"(cnt + tile) : "memory");
+      last = prev == splits - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    // the last CTA of this tile: column t summed in split order (deterministic)
+    s = 0.f;
+    if (t < T) {
+      for (int k = 0; k < splits; k++) s += __ldcg(base + k * T + t);
+    }
+    if (t == 0) cnt[tile] = 0;
+  }
   if (REDUCE == 1) {
-    if (col0 + (int)threadIdx.x < N) y[col0 + threadIdx.x] = f32_to_f16(s);
+    if (t < T && col0 + t < N) y[col0 + t] = f32_to_f16(s);
   } else {
     // interleaved gate/up: 32-column blocks [g, u, g, u, ...]; output o of the tile = pair o / 32, column o % 32
-    red_smem[threadIdx.x] = f16_to_f32(f32_to_f16(s));  // the GEMM output rounded to fp16
+    if (t < T) tile_v[t] = f16_to_f32(f32_to_f16(s));  // the GEMM output rounded to fp16
     __syncthreads();
-    const int p = threadIdx.x / 32, c = threadIdx.x % 32;
-    if (threadIdx.x < T / 2 && col0 + 64 * p < N) {
-      const float g = red_smem[64 * p + c], u = red_smem[64 * p + 32 + c];
+    const int p = t / 32, c = t % 32;
+    if (t < T / 2 && col0 + 64 * p < N) {
+      const float g = tile_v[64 * p + c], u = tile_v[64 * p + 32 + c];
       const float sg = f16_to_f32(f32_to_f16(g / (1.0f + expf(-g))));  // as kernels/fused.py silu_mul
-      y[tile * (T / 2) + threadIdx.x] = f32_to_f16(sg * u);
+      y[tile * (T / 2) + t] = f32_to_f16(sg * u);
     }
   }
-  if (threadIdx.x == 0) cnt[tile] = 0;
 }
 
-// grid (ceil(N / (32 * WARPS)), splits), 32 * WARPS threads; `per` chunks a split.
-template <int GROUP, int UNROLL, int FLUSH, int REDUCE, bool PRELOAD, bool PIPE, int WARPS, bool TC>
-__global__ void __launch_bounds__(32 * WARPS) w4a16_gemv(
+// grid (ceil(N / (32 * WARPS)), splits), 32 * WARPS * KSPLIT threads; `per` chunks a split, of which warp
+// w's k-part (w / WARPS) takes an equal share.
+template <int GROUP, int UNROLL, int FLUSH, int REDUCE, bool PRELOAD, bool PIPE, int WARPS, bool TC, int KSPLIT>
+__global__ void __launch_bounds__(32 * WARPS * KSPLIT) w4a16_gemv(
     const uint4* __restrict__ x, const uint4* __restrict__ qw, const uint4* __restrict__ sz,
     const u32* __restrict__ zp, float* __restrict__ out, u16* __restrict__ y, float* __restrict__ ws,
     int* __restrict__ cnt, int N, int KW, int n_chunks, int per) {
   static_assert(REDUCE != 2 || WARPS % 2 == 0, "the SiLU epilogue needs gate/up block pairs in a tile");
-  __shared__ float red_smem[REDUCE == 2 ? 32 * WARPS : 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int cb = warp % WARPS, kp = warp / WARPS;
   const int r0 = TC ? lane & 3 : lane >> 3, cq = TC ? lane >> 2 : lane & 7;  // word-row quad, column quad
-  const int b = min(blockIdx.x * WARPS + warp, N / 32 - 1);  // a warp past N computes a copy, never stored
+  const int b = min(blockIdx.x * WARPS + cb, N / 32 - 1);  // a warp past N computes a copy, never stored
   const int n0 = b * 32 + 4 * cq;
-  const int c_lo = blockIdx.y * per;
-  const int c_hi = min(c_lo + per, n_chunks);
+  const int s_lo = blockIdx.y * per, s_hi = min(s_lo + per, n_chunks);
+  const int per_k = (s_hi - s_lo + KSPLIT - 1) / KSPLIT;
+  const int c_lo = s_lo + kp * per_k;
+  const int c_hi = min(c_lo + per_k, s_hi);
   const uint4* wp = qw + (size_t)b * KW * 8 + (4 * r0) * 8 + cq;
   const uint4* xp = x + r0;  // + 16 c + 4 t: pairs 64 c + 16 t + 4 r0 .. + 3
 
@@ -358,5 +400,5 @@ __global__ void __launch_bounds__(32 * WARPS) w4a16_gemv(
     }
   }
   pdl_trigger();
-  finish<WARPS, REDUCE, TC>(acc, out, y, ws, cnt, N, red_smem);
+  finish<WARPS, KSPLIT, REDUCE, TC>(acc, out, y, ws, cnt, N);
 }

@@ -237,21 +237,24 @@ def candidate_configs(m: int, n: int, k: int) -> list:
                     )
                 )
     if m == 1:
-        # the CUDA C++ GEMV (fp16 where NVRTC loads; the tuner skips it elsewhere): 4 warps = 128 columns a
-        # CTA, one chunk an iteration, tensor cores
-        for sk in sorted({*splits(-(-n // 128)), *(s for s in (-(-n_chunks // p) for p in (2, 3)))}):
-            out.append(
-                KernelConfig(
-                    kind="cuda",
-                    block_n=128,
-                    split_k=sk,
-                    num_warps=4,
-                    num_stages=1,
-                    chunks=1,
-                    flush=1,
-                    zfold=True,
+        # the CUDA C++ GEMV (fp16 where NVRTC loads; the tuner skips it elsewhere): warps = 32-column blocks a
+        # CTA, ksplit warps over each block's K range, one chunk an iteration, tensor cores
+        for warps, ksplit in ((1, 8), (1, 4), (2, 4), (4, 1)):
+            tiles = -(-n // (32 * warps))
+            for sk in sorted({1, 2, 3, *splits(tiles)}):
+                out.append(
+                    KernelConfig(
+                        kind="cuda",
+                        block_n=32 * warps,
+                        split_k=sk,
+                        num_warps=warps,
+                        ksplit=ksplit,
+                        num_stages=1,
+                        chunks=1,
+                        flush=1,
+                        zfold=True,
+                    )
                 )
-            )
         for bn, warps in ((128, 4), (256, 8)):
             for st in (1, 3):
                 if n % bn == 0:

@@ -75,6 +75,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -259,8 +260,10 @@ def main() -> None:
     }
     xs = {n: torch.randn(1, LLAMA2_7B_SHAPES[n][0], device=dev, dtype=torch.float16) for n in ORDER}
     accs = {n: torch.zeros(1, LLAMA2_7B_SHAPES[n][1], device=dev, dtype=torch.float32) for n in ORDER}
+    os.environ["LMKILN_CUDA_GEMV"] = "0"  # ship: the Triton fma configs (the table's fallbacks)
     cfgs = {name: dispatch.choose_config(1, *reversed(LLAMA2_7B_SHAPES[name]), 128, torch.float16, dev)
             for name in ORDER}
+    del os.environ["LMKILN_CUDA_GEMV"]
     floor_us = {name: our_bytes(1, *LLAMA2_7B_SHAPES[name], 128) / bw / 1e3 for name in ORDER}
     code_us = {name: LLAMA2_7B_SHAPES[name][0] * LLAMA2_7B_SHAPES[name][1] / 2 / bw / 1e3 for name in ORDER}
     report: dict = {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbps": bw, "pdl": on,
@@ -301,15 +304,22 @@ def main() -> None:
                 from lmkiln.kernels import w4a16_cuda
 
                 keys = {"u": "unroll", "f": "flush", "pre": "preload", "pipe": "pipe", "w": "warps",
-                        "tc": "tc"}
+                        "tc": "tc", "ks": "ksplit"}
                 kw: dict = {}
+                per_kw: dict = {n: {} for n in ORDER}  # NAME.KEY=VAL: that shape alone (o.w=1, gate_up.ks=4)
                 for item in filter(None, variant.split(":", 1)[1].split(",") if ":" in variant else []):
-                    key, val = item.split("=")
-                    if key in keys:
-                        kw[keys[key]] = bool(int(val)) if key in ("pre", "pipe", "tc") else int(val)
+                    key, val = item.split("=", 1)
+                    target = kw
+                    if "." in key:
+                        shape, key = key.split(".", 1)
+                        target = per_kw[shape]
+                    if key == "D":  # a -D macro of the CUDA source: D=LMKILN_CHAINS=2, D=LMKILN_NOMATH
+                        target["defines"] = (*target.get("defines", ()), val)
+                    elif key in keys:
+                        target[keys[key]] = bool(int(val)) if key in ("pre", "pipe", "tc") else int(val)
                     else:
                         cu_split[key] = int(val)
-                cu_opts = w4a16_cuda.CudaGemvOptions(**kw)
+                cu_opts = {n: w4a16_cuda.CudaGemvOptions(**{**kw, **per_kw[n]}) for n in ORDER}
                 gu_atomic = base == "cuga"
             silu_kernel = base == "gas"  # gate/up atomic, then a SiLU kernel that consumes its accumulator
             h = torch.empty(1, LLAMA2_7B_SHAPES["gate_up"][1] // 2, device=dev, dtype=torch.float16)
@@ -333,10 +343,11 @@ def main() -> None:
                 if cuda:
                     if name == "gate_up" and not _ga:
                         last[name] = w4a16_cuda.gemv(xs[name], w.qweight, w.sz, w.zeros, cu_split[name],
-                                                     reduce="ordered", silu=True, scratch=_s, options=cu_opts)
+                                                     reduce="ordered", silu=True, scratch=_s,
+                                                     options=cu_opts[name])
                     else:
                         w4a16_cuda.gemv(xs[name], w.qweight, w.sz, w.zeros, cu_split[name], out=accs[name],
-                                        options=cu_opts)
+                                        options=cu_opts[name])
                 elif smem:  # the Gluon kernel, copies in flight (smem: chunk by chunk; smem0: whole slice)
                     c = _c[name]
                     fma_smem(xs[name], w.qweight, w.sz, w.zeros, accs[name], c.block_n, c.num_warps,

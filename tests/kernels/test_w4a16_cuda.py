@@ -41,22 +41,18 @@ def test_tuned_cuda_entry_falls_back_where_the_kernel_is_unavailable(tmp_path, m
 
 
 def test_heuristic_cuda_splits_for_the_7b_shapes():
-    """About six 128-column CTAs an SM: the splits measured best on the H100 (notes/kernels.md, session
-    14)."""
+    """About three 8-warp CTAs an SM, one 32-column block each: the splits measured best on the H100
+    (notes/kernels.md, session 14)."""
     pytest.importorskip("triton")
     from lmkiln.kernels import dispatch, w4a16_cuda
 
+    shapes = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096)}
     got = {}
-    for name, (k, n) in {
-        "qkv": (4096, 12288),
-        "o": (4096, 4096),
-        "gate_up": (4096, 22016),
-        "down": (11008, 4096),
-    }.items():
+    for name, (k, n) in shapes.items():
         cfg = dispatch.heuristic_config(1, n, k, 128, 132, cuda=True)
-        assert (cfg.kind, cfg.num_warps, cfg.block_n, cfg.zfold) == ("cuda", 4, 128, True)
+        assert (cfg.kind, cfg.num_warps, cfg.ksplit, cfg.block_n, cfg.zfold) == ("cuda", 1, 8, 32, True)
         got[name] = w4a16_cuda.plan(k // 128, cfg.split_k)[0]
-    assert got == {"qkv": 8, "o": 16, "gate_up": 5, "down": 22}
+    assert got == {"qkv": 1, "o": 3, "gate_up": 1, "down": 3}
     assert dispatch.heuristic_config(1, 4096, 4096, 128, 132).kind == "fma"  # without the CUDA kernel
     assert dispatch.heuristic_config(2, 4096, 4096, 128, 132, cuda=True).kind != "cuda"
 
@@ -99,13 +95,16 @@ def test_kernel_source_compiles_where_nvrtc_loads():
     src = cuda_jit.read_source(w4a16_cuda.SOURCE)
     for g in (32, 64, 128):
         for reduce in (0, 1, 2):
-            for tc in ("true", "false"):
+            for tc, ksplit in (("true", 1), ("false", 1), ("true", 4)):
                 cubin, name = cuda_jit.compile_cubin(
-                    src, f"w4a16_gemv<{g}, 1, 1, {reduce}, true, false, 4, {tc}>", "sm_90", w4a16_cuda.OPTIONS
+                    src,
+                    f"w4a16_gemv<{g}, 1, 1, {reduce}, true, false, 4, {tc}, {ksplit}>",
+                    "sm_90",
+                    w4a16_cuda.OPTIONS,
                 )
                 assert cubin[:4] == b"\x7fELF" and name.startswith("_Z10w4a16_gemv")
     with pytest.raises(RuntimeError, match="could not compile"):
-        cuda_jit.compile_cubin(src, "w4a16_gemv<128, 1, 1, 2, true, false, 1, true>", "sm_90")  # odd warps
+        cuda_jit.compile_cubin(src, "w4a16_gemv<128, 1, 1, 2, true, false, 1, true, 1>", "sm_90")  # odd warps
 
 
 def test_missing_nvrtc_is_reported(monkeypatch):
@@ -119,7 +118,7 @@ def test_missing_nvrtc_is_reported(monkeypatch):
             cuda_jit.nvrtc()
         with pytest.raises(KernelInputError, match="CUDA device"):
             cuda_jit.kernel(
-                "w4a16_gemv.cu", "w4a16_gemv<128, 1, 1, 0, true, false, 4, true>", torch.device("cpu")
+                "w4a16_gemv.cu", "w4a16_gemv<128, 1, 1, 0, true, false, 4, true, 1>", torch.device("cpu")
             )
     finally:
         cuda_jit.nvrtc.cache_clear()

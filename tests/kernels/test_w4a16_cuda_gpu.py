@@ -29,6 +29,8 @@ OPTIONS = [
     {"unroll": 2, "flush": 4, "preload": False, "warps": 8},
     {"tc": True, "unroll": 1, "pipe": False},
     {"tc": True, "unroll": 2, "warps": 4, "preload": False},
+    {"tc": True, "unroll": 1, "pipe": False, "warps": 2, "ksplit": 4},
+    {"unroll": 2, "warps": 1, "ksplit": 8},
 ]
 
 
@@ -58,11 +60,12 @@ def test_atomic_matches_reference(make_packed, opts, k, n, g, split):
     torch.testing.assert_close(out, 2 * first, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("tc", [False, True])
+@pytest.mark.parametrize(("tc", "ksplit"), [(False, 1), (True, 1), (True, 4), (False, 2)])
 @pytest.mark.parametrize(
-    ("k", "n", "g", "split"), [(256, 128, 64, 2), (4096, 22016, 128, 4), (640, 192, 32, 5)]
+    ("k", "n", "g", "split"),
+    [(256, 128, 64, 2), (4096, 22016, 128, 4), (640, 192, 32, 5), (512, 256, 128, 1)],
 )
-def test_ordered_and_silu(make_packed, k, n, g, split, tc):
+def test_ordered_and_silu(make_packed, k, n, g, split, tc, ksplit):
     """fp16 output summed in split order (deterministic, bit-equal between runs), and the SiLU epilogue over
     an interleaved gate/up weight equal to the unfused GEMM + ``silu_mul``; the counters are left zero."""
     from lmkiln.kernels import w4a16_cuda
@@ -73,7 +76,7 @@ def test_ordered_and_silu(make_packed, k, n, g, split, tc):
     p = make_packed(k, n, g, seed=n, device="cuda")
     x = torch.randn(1, k, device="cuda", dtype=torch.float16)
     scratch = torch.zeros(1024, dtype=torch.int32, device="cuda")
-    o = w4a16_cuda.CudaGemvOptions(tc=tc)
+    o = w4a16_cuda.CudaGemvOptions(tc=tc, ksplit=ksplit)
     y = w4a16_cuda.gemv(
         x, p["qweight"], p["sz"], p["zeros"], split, reduce="ordered", scratch=scratch, options=o
     )
