@@ -265,7 +265,11 @@ def w4a16_matmul(
         cfg = heuristic_config(max(m, 16), n, k, g)
     if cfg.zfold and cfg.kind == "mma" and zeros is None:
         cfg = dataclasses.replace(cfg, zfold=False)
-    if silu and cfg.kind == "cuda":  # (the launcher gives the CTA a gate block and its up block)
+    if silu and cfg.kind == "cuda":
+        if cfg.num_warps % 2:  # a CTA must hold a gate block and its up block: twice the columns, same warps
+            cfg = dataclasses.replace(
+                cfg, num_warps=2 * cfg.num_warps, block_n=64 * cfg.num_warps, ksplit=max(1, cfg.ksplit // 2)
+            )
         y = w4a16.LAUNCHERS["cuda"](x2, qweight, sz, zeros, cfg, scratch, silu=True)
         return y.reshape(*lead, n // 2)
     if silu and cfg.kind == "fma":

@@ -81,18 +81,8 @@ def gemv(
     silu: bool = False,
     scratch: torch.Tensor | None = None,
     options: CudaGemvOptions | None = None,
-    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
-    """``norm=(residual, weight, eps)``: ``x`` is the previous GEMV's pending float32 accumulator ``[1, K]``
-    and the input is ``rmsnorm(fp16(x) + residual) * weight`` (as ``kernels.fused.add_rmsnorm(...,
-    consume=True)``; the sum of squares in another order), computed by every CTA; the kernel also writes the
-    sum into ``residual`` and zeroes ``x``, as that call would. Needs ``scratch`` (one counter past the
-    tiles')."""
     opts = options or CudaGemvOptions()
-    if norm is not None:
-        x, nacc = _norm_input(x, qweight, norm), x
-    else:
-        nacc = None
     if x.device.type != "cuda" or x.dtype != torch.float16:
         raise QuantConfigError(
             f"cuda gemv takes fp16 activations on a CUDA device, got {x.dtype} on {x.device}"
@@ -162,52 +152,16 @@ def gemv(
     name = (
         f"w4a16_gemv<{group}, {opts.unroll}, {opts.flush}, {REDUCE[mode]}, "
         f"{str(opts.preload).lower()}, {str(opts.pipe).lower()}, {opts.warps}, {str(opts.tc).lower()}, "
-        f"{opts.ksplit}, {str(norm is not None).lower()}>"
+        f"{opts.ksplit}>"
     )
     kern = cuda_jit.kernel(SOURCE, name, dev, OPTIONS + tuple(f"-D{d}" for d in opts.defines))
-    if nacc is not None:
-        residual, weight, eps = norm
-        if (
-            scratch is None
-            or scratch.numel() <= tiles
-            or scratch.dtype != torch.int32
-            or scratch.device != dev
-        ):
-            raise QuantConfigError(
-                f"norm=...: pass a zeroed int32 scratch of more than {tiles} counters on {dev}"
-            )
-        buffers[3] = scratch
-        extra = [nacc, residual, weight, float(eps), 1.0 / k]
-    else:
-        extra = [x, x, x, 0.0, 0.0]  # unused
     kern(
         (tiles, splits),
         (tile_n * opts.ksplit,),
-        [x, qweight, sz, zeros, *buffers, n, k // 8, n_chunks, per, *extra],
-        smem=4 * k if nacc is not None else 0,
+        [x, qweight, sz, zeros, *buffers, n, k // 8, n_chunks, per],
         pdl=pdl.enabled(dev),
     )
     return y
-
-
-def _norm_input(acc: torch.Tensor, qweight: torch.Tensor, norm: tuple) -> torch.Tensor:
-    """Checks of ``gemv(..., norm=...)``; returns a stand-in fp16 ``x`` for the shape checks (never read)."""
-    residual, weight, _ = norm
-    k = qweight.shape[1] * 8 if qweight.dim() == 3 else -1
-    if acc.dtype != torch.float32 or tuple(acc.shape) != (1, k) or not acc.is_contiguous():
-        raise QuantConfigError(
-            f"norm=...: x must be the float32 [1, {k}] accumulator, got {acc.dtype} {tuple(acc.shape)}"
-        )
-    for name, t in (("residual", residual), ("weight", weight)):
-        if t.dtype != torch.float16 or t.numel() != k or not t.is_contiguous() or t.device != acc.device:
-            raise QuantConfigError(
-                f"norm=...: {name} must be a contiguous float16 tensor of {k} on {acc.device}"
-            )
-    if any(t.data_ptr() % 16 for t in (acc, residual, weight)):
-        raise QuantConfigError("norm=...: the accumulator, residual and weight must be 16-byte aligned")
-    if 4 * k > 48 * 1024:
-        raise QuantConfigError(f"norm=...: K={k} needs {4 * k} bytes of shared memory (at most 48 KiB)")
-    return torch.empty((1, k), dtype=torch.float16, device=acc.device)
 
 
 def enabled(device: torch.device) -> bool:
@@ -249,20 +203,7 @@ def launch(
     out: torch.Tensor | None = None,
     silu: bool = False,
     reduce: str = "ordered",
-    norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """``w4a16.LAUNCHERS["cuda"]``: :func:`gemv` with a ``KernelConfig`` (the ``fma`` launcher's
     signature)."""
-    if silu:
-        cfg = silu_config(cfg)
-    return gemv(x, qweight, sz, zeros, cfg.split_k, out, reduce, silu, scratch, options_of(cfg), norm)
-
-
-def silu_config(cfg):
-    """``cfg`` with an even number of column blocks a CTA (the SiLU epilogue needs a gate block and its up
-    block in one CTA): twice the columns, the same number of warps."""
-    if cfg.num_warps % 2 == 0:
-        return cfg
-    return dataclasses.replace(
-        cfg, num_warps=2 * cfg.num_warps, block_n=64 * cfg.num_warps, ksplit=max(1, cfg.ksplit // 2)
-    )
+    return gemv(x, qweight, sz, zeros, cfg.split_k, out, reduce, silu, scratch, options_of(cfg))

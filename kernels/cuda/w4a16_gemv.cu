@@ -138,7 +138,7 @@ DEV void load_stage(Stage<GROUP, UNROLL>& st, const uint4* __restrict__ wp, cons
   }
 }
 
-template <int GROUP, int UNROLL, int FLUSH, bool XS>
+template <int GROUP, int UNROLL, int FLUSH>
 DEV void compute_stage(const Stage<GROUP, UNROLL>& st, const uint4* __restrict__ xp, int c, int c_left,
                        float acc[4]) {
   constexpr int SPG = GROUP / 32;  // slices per group
@@ -147,7 +147,7 @@ DEV void compute_stage(const Stage<GROUP, UNROLL>& st, const uint4* __restrict__
     if (u < c_left) {
       uint4 xt[4];  // slice t: the pairs of word-rows 4 r0 .. 4 r0 + 3
 #pragma unroll
-      for (int t = 0; t < 4; t++) xt[t] = XS ? xp[(c + u) * 16 + 4 * t] : ld_nc(xp + (c + u) * 16 + 4 * t);
+      for (int t = 0; t < 4; t++) xt[t] = ld_nc(xp + (c + u) * 16 + 4 * t);
       const GroupRaw& q0 = st.q[u][0 / SPG];
       const GroupRaw& q1 = st.q[u][1 / SPG];
       const GroupRaw& q2 = st.q[u][2 / SPG];
@@ -215,7 +215,7 @@ DEV float scale_of(const GroupRaw& q, int i) { return f16_to_f32((u16)(pick(q.sm
 #endif
 constexpr int CHAINS = LMKILN_CHAINS;  // independent mma accumulators a column pair (1 or 2)
 
-template <int GROUP, int UNROLL, bool XS>
+template <int GROUP, int UNROLL>
 DEV void compute_stage_tc(const Stage<GROUP, UNROLL>& st, const uint4* __restrict__ xp, int c, int c_left,
                           float acc[4]) {
   constexpr int SPG = GROUP / 32, NG = 128 / GROUP;
@@ -224,7 +224,7 @@ DEV void compute_stage_tc(const Stage<GROUP, UNROLL>& st, const uint4* __restric
     if (u < c_left) {
       uint4 xt[4];  // slice t: the pairs of word-rows 4 c .. 4 c + 3
 #pragma unroll
-      for (int t = 0; t < 4; t++) xt[t] = XS ? xp[(c + u) * 16 + 4 * t] : ld_nc(xp + (c + u) * 16 + 4 * t);
+      for (int t = 0; t < 4; t++) xt[t] = ld_nc(xp + (c + u) * 16 + 4 * t);
       u32 d[4][4][4];  // [word-row j][column i][slice t]
 #pragma unroll
       for (int j = 0; j < 4; j++) {
@@ -273,83 +273,12 @@ DEV void compute_stage_tc(const Stage<GROUP, UNROLL>& st, const uint4* __restric
   }
 }
 
-// XS: the activations are in shared memory (the RMSNorm prologue wrote them), else read from global memory.
-template <int GROUP, int UNROLL, int FLUSH, bool TC, bool XS>
+template <int GROUP, int UNROLL, int FLUSH, bool TC>
 DEV void compute(const Stage<GROUP, UNROLL>& st, const uint4* __restrict__ xp, int c, int c_left, float acc[4]) {
   if (TC) {
-    compute_stage_tc<GROUP, UNROLL, XS>(st, xp, c, c_left, acc);
+    compute_stage_tc<GROUP, UNROLL>(st, xp, c, c_left, acc);
   } else {
-    compute_stage<GROUP, UNROLL, FLUSH, XS>(st, xp, c, c_left, acc);
-  }
-}
-
-// NORM: the input is RMSNorm(h) * gamma with h = fp16(fp16(acc) + residual), acc the previous GEMV's pending
-// float32 split-K accumulator (kernels/fused.py add_rmsnorm(..., consume=True), the same roundings; the sum of
-// squares in another order). Every CTA computes the whole row into shared memory (hs: h, ys: the normalized
-// input, fp16 [K] each); the last CTA to get there (counter ncnt, zero before and after) writes h to the
-// residual and zeroes acc, once every CTA has read them.
-DEV void norm_prologue(float* __restrict__ nacc, u16* __restrict__ nres, const u16* __restrict__ gamma,
-                       float eps, float inv_k, int K, int* __restrict__ ncnt, u16* hs, u16* ys) {
-  __shared__ float red[32];
-  __shared__ int last;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  float ss = 0.f;
-  for (int e = threadIdx.x * 8; e < K; e += blockDim.x * 8) {
-    const float4 a0 = __ldcg(reinterpret_cast<const float4*>(nacc + e));
-    const float4 a1 = __ldcg(reinterpret_cast<const float4*>(nacc + e + 4));
-    const uint4 r = __ldcg(reinterpret_cast<const uint4*>(nres + e));
-    const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-    const u16* rv = reinterpret_cast<const u16*>(&r);
-    uint4 hv;
-    u16* hp = reinterpret_cast<u16*>(&hv);
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-      hp[i] = f32_to_f16(f16_to_f32(f32_to_f16(av[i])) + f16_to_f32(rv[i]));
-      const float h = f16_to_f32(hp[i]);
-      ss += h * h;
-    }
-    *reinterpret_cast<uint4*>(hs + e) = hv;
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  if (lane == 0) red[warp] = ss;
-  __syncthreads();
-  if (warp == 0) {
-    float v = lane < nw ? red[lane] : 0.f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) red[0] = v;
-  }
-  __syncthreads();
-  const float inv = rsqrtf(red[0] * inv_k + eps);
-  for (int e = threadIdx.x * 8; e < K; e += blockDim.x * 8) {
-    const uint4 hv = *reinterpret_cast<const uint4*>(hs + e);
-    const uint4 gv = __ldg(reinterpret_cast<const uint4*>(gamma + e));
-    const u16* hp = reinterpret_cast<const u16*>(&hv);
-    const u16* gp = reinterpret_cast<const u16*>(&gv);
-    uint4 yv;
-    u16* yp = reinterpret_cast<u16*>(&yv);
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-      const float xn = f16_to_f32(f32_to_f16(f16_to_f32(hp[i]) * inv));
-      yp[i] = f32_to_f16(f16_to_f32(gp[i]) * xn);
-    }
-    *reinterpret_cast<uint4*>(ys + e) = yv;
-  }
-  __syncthreads();  // also: every thread's reads of acc / residual are done
-  if (threadIdx.x == 0) {
-    int prev;
-    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(prev) : "l"(ncnt) : "memory");
-    last = prev == (int)(gridDim.x * gridDim.y) - 1;
-  }
-  __syncthreads();
-  if (last) {
-    for (int e = threadIdx.x * 8; e < K; e += blockDim.x * 8) {
-      *reinterpret_cast<uint4*>(nres + e) = *reinterpret_cast<const uint4*>(hs + e);
-      *reinterpret_cast<float4*>(nacc + e) = make_float4(0.f, 0.f, 0.f, 0.f);
-      *reinterpret_cast<float4*>(nacc + e + 4) = make_float4(0.f, 0.f, 0.f, 0.f);
-    }
-    if (threadIdx.x == 0) *ncnt = 0;
+    compute_stage<GROUP, UNROLL, FLUSH>(st, xp, c, c_left, acc);
   }
 }
 
@@ -362,7 +291,7 @@ template <int WARPS, int KSPLIT, int REDUCE, bool TC>
 DEV void finish(float acc[4], float* __restrict__ out, u16* __restrict__ y, float* __restrict__ ws,
                 int* __restrict__ cnt, int N) {
   constexpr int T = 32 * WARPS;  // columns of a tile
-  __shared__ __align__(16) float part[KSPLIT * T];  // float4 stores
+  __shared__ float part[KSPLIT * T];
   __shared__ float tile_v[REDUCE == 2 ? T : 1];
   __shared__ int last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -434,17 +363,13 @@ DEV void finish(float acc[4], float* __restrict__ out, u16* __restrict__ y, floa
 }
 
 // grid (ceil(N / (32 * WARPS)), splits), 32 * WARPS * KSPLIT threads; `per` chunks a split, of which warp
-// w's k-part (w / WARPS) takes an equal share. NORM: x is unused and the input is computed by norm_prologue
-// (dynamic shared memory: 4 K bytes).
-template <int GROUP, int UNROLL, int FLUSH, int REDUCE, bool PRELOAD, bool PIPE, int WARPS, bool TC, int KSPLIT,
-          bool NORM>
+// w's k-part (w / WARPS) takes an equal share.
+template <int GROUP, int UNROLL, int FLUSH, int REDUCE, bool PRELOAD, bool PIPE, int WARPS, bool TC, int KSPLIT>
 __global__ void __launch_bounds__(32 * WARPS * KSPLIT) w4a16_gemv(
     const uint4* __restrict__ x, const uint4* __restrict__ qw, const uint4* __restrict__ sz,
     const u32* __restrict__ zp, float* __restrict__ out, u16* __restrict__ y, float* __restrict__ ws,
-    int* __restrict__ cnt, int N, int KW, int n_chunks, int per, float* __restrict__ nacc,
-    u16* __restrict__ nres, const u16* __restrict__ gamma, float eps, float inv_k) {
+    int* __restrict__ cnt, int N, int KW, int n_chunks, int per) {
   static_assert(REDUCE != 2 || WARPS % 2 == 0, "the SiLU epilogue needs gate/up block pairs in a tile");
-  extern __shared__ uint4 nsm[];  // NORM: h, then the normalized input (fp16 [K] each)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int cb = warp % WARPS, kp = warp / WARPS;
   const int r0 = TC ? lane & 3 : lane >> 3, cq = TC ? lane >> 2 : lane & 7;  // word-row quad, column quad
@@ -455,16 +380,11 @@ __global__ void __launch_bounds__(32 * WARPS * KSPLIT) w4a16_gemv(
   const int c_lo = s_lo + kp * per_k;
   const int c_hi = min(c_lo + per_k, s_hi);
   const uint4* wp = qw + (size_t)b * KW * 8 + (4 * r0) * 8 + cq;
-  // + 16 c + 4 t: pairs 64 c + 16 t + 4 r0 .. + 3
-  const uint4* xp = (NORM ? nsm + KW : x) + r0;
+  const uint4* xp = x + r0;  // + 16 c + 4 t: pairs 64 c + 16 t + 4 r0 .. + 3
 
   Stage<GROUP, UNROLL> cur;
   if (PRELOAD && c_lo < c_hi) load_stage<GROUP, UNROLL>(cur, wp, sz, zp, c_lo, c_hi - 1, N, n0);
   pdl_wait();
-  if (NORM) {
-    u16* hs = reinterpret_cast<u16*>(nsm);
-    norm_prologue(nacc, nres, gamma, eps, inv_k, KW * 8, cnt + gridDim.x, hs, hs + KW * 8);
-  }
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   if (!PRELOAD && c_lo < c_hi) load_stage<GROUP, UNROLL>(cur, wp, sz, zp, c_lo, c_hi - 1, N, n0);
   for (int c = c_lo; c < c_hi; c += UNROLL) {
@@ -472,10 +392,10 @@ __global__ void __launch_bounds__(32 * WARPS * KSPLIT) w4a16_gemv(
     if (PIPE) {  // the next iteration's loads in flight while this one computes
       Stage<GROUP, UNROLL> nxt;
       if (more) load_stage<GROUP, UNROLL>(nxt, wp, sz, zp, c + UNROLL, c_hi - 1, N, n0);
-      compute<GROUP, UNROLL, FLUSH, TC, NORM>(cur, xp, c, c_hi - c, acc);
+      compute<GROUP, UNROLL, FLUSH, TC>(cur, xp, c, c_hi - c, acc);
       if (more) cur = nxt;
     } else {
-      compute<GROUP, UNROLL, FLUSH, TC, NORM>(cur, xp, c, c_hi - c, acc);
+      compute<GROUP, UNROLL, FLUSH, TC>(cur, xp, c, c_hi - c, acc);
       if (more) load_stage<GROUP, UNROLL>(cur, wp, sz, zp, c + UNROLL, c_hi - 1, N, n0);
     }
   }

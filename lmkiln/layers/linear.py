@@ -7,7 +7,6 @@ and ``torch.compile``); on the CPU it runs the pure-torch reference.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 
 import torch
@@ -19,7 +18,6 @@ from lmkiln.quant.pack import check_packed_tensors
 log = logging.getLogger(__name__)
 
 SCRATCH_TILES = 1 << 14  # split-K counters; 64 KiB per layer on the GPU
-NORM_GEMV_ENV = "LMKILN_NORM_GEMV"
 
 
 class Int4Linear(nn.Module):
@@ -103,52 +101,6 @@ class Int4Linear(nn.Module):
             x2.contiguous(), self.qweight, self.sz, self.zeros, cfg, out=y, reduce="atomic"
         )
         return y.view(*x.shape[:-1], self.out_features), True
-
-    def norm_matmul(
-        self, acc: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, silu: bool = False
-    ) -> torch.Tensor | None:
-        """``self(rmsnorm(fp16(acc) + residual) * weight)`` with the norm computed inside the batch-1 CUDA
-        GEMV (no RMSNorm launch): ``acc`` is the previous GEMV's pending float32 accumulator ``[1, K]``,
-        which is zeroed, and ``residual`` (fp16 ``[1, K]``) becomes ``fp16(acc) + residual``, as
-        ``kernels.fused.add_rmsnorm(..., consume=True)`` leaves them. ``silu``: the gate/up activation.
-        None (nothing done) where that kernel does not run: not CUDA fp16, a bias, padded K, another kernel
-        for this shape, or ``LMKILN_NORM_GEMV=0``."""
-        choice = os.environ.get(NORM_GEMV_ENV, "").strip()
-        if choice not in ("", "0", "1"):
-            raise QuantConfigError(f"{NORM_GEMV_ENV}={choice!r}: use 0 (off), 1 (on) or leave it unset")
-        if (
-            choice == "0"
-            or acc.device.type != "cuda"
-            or residual.dtype != torch.float16
-            or weight.dtype != torch.float16
-            or acc.dtype != torch.float32
-            or acc.numel() != self.in_features
-            or self.bias is not None
-            or self.packed_k != self.in_features
-            or 4 * self.packed_k > 48 * 1024
-            or any(t.data_ptr() % 16 for t in (acc, residual, weight))
-        ):
-            return None
-        from lmkiln.kernels.dispatch import choose_config
-
-        cfg = choose_config(1, self.out_features, self.packed_k, self.group_size, torch.float16, acc.device)
-        if cfg.kind != "cuda":
-            return None
-        from lmkiln.kernels import w4a16
-
-        if self.scratch.device != acc.device or self.scratch.numel() != SCRATCH_TILES:
-            self.scratch = torch.zeros(SCRATCH_TILES, dtype=torch.int32, device=acc.device)
-        y = w4a16.LAUNCHERS["cuda"](
-            acc.reshape(1, -1),
-            self.qweight,
-            self.sz,
-            self.zeros,
-            cfg,
-            self.scratch,
-            silu=silu,
-            norm=(residual, weight, eps),
-        )
-        return y.view(*residual.shape[:-1], y.shape[-1])
 
     def _matmul(self, x: torch.Tensor, silu: bool) -> torch.Tensor:
         """``x @ W + b``; ``silu``: ``W`` is an interleaved gate/up weight, the result ``silu(gate) * up``."""

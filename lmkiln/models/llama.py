@@ -177,16 +177,6 @@ class MLP(nn.Module):
         """``(down_proj output, pending)`` (see :func:`project`)."""
         return project(self.down_proj, self.activation(x, fused), fused)
 
-    def norm_activation(
-        self, acc: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-    ) -> torch.Tensor | None:
-        """``activation(rmsnorm(acc + residual) * weight)`` with the norm inside the gate/up GEMV
-        (``Int4Linear.norm_matmul``: ``acc`` pending, zeroed; ``residual`` updated in place), or None."""
-        gate_up = self.gate_up_proj
-        if not getattr(gate_up, "applies_silu", False) or not hasattr(gate_up, "norm_matmul"):
-            return None
-        return gate_up.norm_matmul(acc, residual, weight, eps, silu=True)
-
     def activation(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """``silu(gate(x)) * up(x)``, the input of ``down_proj``."""
         if getattr(self.gate_up_proj, "applies_silu", False):  # lmkiln.layers.Int4GateUpSiLU
@@ -241,12 +231,6 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(x, residual, fused, pending)
         x, pending = self.self_attn.forward_paged(x, cos, sin, cache, meta, backend, fused)
-        if pending:  # batch 1: the gate/up GEMV may compute the norm itself (no RMSNorm launch)
-            norm = self.post_attention_layernorm
-            act = self.mlp.norm_activation(x, residual, norm.weight, norm.eps)
-            if act is not None:  # residual updated in place, x zeroed, as add_rmsnorm(consume=True) does
-                x, pending = project(self.mlp.down_proj, act, fused)
-                return x, residual, pending
         x, residual = self.post_attention_layernorm(x, residual, fused, pending)
         x, pending = self.mlp.forward_paged(x, fused)
         return x, residual, pending
@@ -391,11 +375,8 @@ class CausalLM(nn.Module):
         _check_shape("model.embed_tokens.weight", embed, model.model.embed_tokens.weight)
         model.model.embed_tokens.load_state_dict({"weight": embed}, assign=True)
         model.model.norm.load_state_dict({"weight": ckpt.get("model.norm.weight", dtype)}, assign=True)
-        head = (
-            embed
-            if cfg.tie_word_embeddings or "lm_head.weight" not in ckpt
-            else ckpt.get("lm_head.weight", dtype)
-        )
+        head = embed if cfg.tie_word_embeddings or "lm_head.weight" not in ckpt else ckpt.get(
+            "lm_head.weight", dtype)
         model.lm_head.load_state_dict({"weight": head}, assign=True)
         model.rotary = Rotary(cfg)
         return model.to(device).eval()

@@ -95,18 +95,16 @@ def test_kernel_source_compiles_where_nvrtc_loads():
     src = cuda_jit.read_source(w4a16_cuda.SOURCE)
     for g in (32, 64, 128):
         for reduce in (0, 1, 2):
-            for tc, ksplit, norm in (("true", 1, "false"), ("false", 1, "false"), ("true", 4, "true")):
+            for tc, ksplit in (("true", 1), ("false", 1), ("true", 4)):
                 cubin, name = cuda_jit.compile_cubin(
                     src,
-                    f"w4a16_gemv<{g}, 1, 1, {reduce}, true, false, 4, {tc}, {ksplit}, {norm}>",
+                    f"w4a16_gemv<{g}, 1, 1, {reduce}, true, false, 4, {tc}, {ksplit}>",
                     "sm_90",
                     w4a16_cuda.OPTIONS,
                 )
                 assert cubin[:4] == b"\x7fELF" and name.startswith("_Z10w4a16_gemv")
     with pytest.raises(RuntimeError, match="could not compile"):
-        cuda_jit.compile_cubin(
-            src, "w4a16_gemv<128, 1, 1, 2, true, false, 1, true, 1, false>", "sm_90"
-        )  # odd warps
+        cuda_jit.compile_cubin(src, "w4a16_gemv<128, 1, 1, 2, true, false, 1, true, 1>", "sm_90")  # odd warps
 
 
 def test_missing_nvrtc_is_reported(monkeypatch):
@@ -120,23 +118,7 @@ def test_missing_nvrtc_is_reported(monkeypatch):
             cuda_jit.nvrtc()
         with pytest.raises(KernelInputError, match="CUDA device"):
             cuda_jit.kernel(
-                "w4a16_gemv.cu",
-                "w4a16_gemv<128, 1, 1, 0, true, false, 4, true, 1, false>",
-                torch.device("cpu"),
+                "w4a16_gemv.cu", "w4a16_gemv<128, 1, 1, 0, true, false, 4, true, 1>", torch.device("cpu")
             )
     finally:
         cuda_jit.nvrtc.cache_clear()
-
-
-def test_norm_matmul_declines_off_the_cuda_kernel(make_packed, monkeypatch):
-    """``Int4Linear.norm_matmul`` returns None (the caller runs the RMSNorm kernel) where the CUDA GEMV does
-    not run, here on the CPU; its switch is validated."""
-    from lmkiln.layers.linear import NORM_GEMV_ENV, Int4Linear
-
-    p = make_packed(256, 64, 128)
-    lin = Int4Linear(p["qweight"], p["sz"], p["zeros"])
-    acc, res, w = torch.zeros(1, 256), torch.zeros(1, 256, dtype=torch.float16), torch.ones(256).half()
-    assert lin.norm_matmul(acc, res, w, 1e-5) is None
-    monkeypatch.setenv(NORM_GEMV_ENV, "on")
-    with pytest.raises(QuantConfigError, match=NORM_GEMV_ENV):
-        lin.norm_matmul(acc, res, w, 1e-5)

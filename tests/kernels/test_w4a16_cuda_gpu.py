@@ -137,34 +137,3 @@ def test_graph_capture_and_bad_inputs(make_packed):
         w4a16_cuda.gemv(x, p["qweight"], p["sz"], p["zeros"], 2, out=out.half())
     with pytest.raises(QuantConfigError, match="fp16"):
         w4a16_cuda.gemv(x.bfloat16(), p["qweight"], p["sz"], p["zeros"], 2, out=out)
-
-
-@pytest.mark.parametrize(("silu", "ksplit", "split"), [(True, 4, 1), (True, 2, 3), (False, 8, 2)])
-def test_rmsnorm_inside_the_gemv(make_packed, silu, ksplit, split):
-    """``norm=(residual, weight, eps)``: the same residual (bit for bit) and zeroed accumulator as
-    ``add_rmsnorm(..., consume=True)``, and the GEMM of its output (the sum of squares runs in another order,
-    so a rare input element may round the other way)."""
-    from lmkiln.kernels import w4a16_cuda
-    from lmkiln.kernels.fused import add_rmsnorm
-
-    from lmkiln.quant.pack import gate_up_interleave
-
-    k, n = 4096, 2048
-    p = make_packed(k, n, 128, seed=11, device="cuda")
-    q, sz, zeros = p["qweight"], p["sz"], p["zeros"]
-    if silu:
-        q, sz, zeros, _ = gate_up_interleave(q, sz, zeros)
-    acc = torch.randn(1, k, device="cuda") * 3
-    residual = torch.randn(1, k, device="cuda", dtype=torch.float16)
-    weight = (torch.rand(k, device="cuda") + 0.5).half()
-    want_x, want_h = add_rmsnorm(acc.clone(), residual.clone(), weight, 1e-5, consume=True)
-    scratch = torch.zeros(4096, dtype=torch.int32, device="cuda")
-    o = w4a16_cuda.CudaGemvOptions(tc=True, warps=2, ksplit=ksplit)
-    reduce = "ordered" if silu else "atomic"
-    out = None if silu else torch.zeros(1, n, device="cuda")
-    kw = {"reduce": reduce, "silu": silu, "scratch": scratch, "options": o, "out": out}
-    got = w4a16_cuda.gemv(acc, q, sz, zeros, split, norm=(residual, weight, 1e-5), **kw)
-    assert torch.equal(residual, want_h) and int(acc.abs().sum()) == 0 and int(scratch.abs().sum()) == 0
-    kw["out"] = None if silu else torch.zeros(1, n, device="cuda")
-    want = w4a16_cuda.gemv(want_x, q, sz, zeros, split, **kw)
-    assert _rel(got.float(), want.float()) < 2e-3
