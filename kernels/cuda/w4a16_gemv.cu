@@ -291,7 +291,7 @@ template <int WARPS, int KSPLIT, int REDUCE, bool TC>
 DEV void finish(float acc[4], float* __restrict__ out, u16* __restrict__ y, float* __restrict__ ws,
                 int* __restrict__ cnt, int N) {
   constexpr int T = 32 * WARPS;  // columns of a tile
-  __shared__ float part[KSPLIT * T];
+  __shared__ __align__(16) float part[KSPLIT * T];  // float4 stores
   __shared__ float tile_v[REDUCE == 2 ? T : 1];
   __shared__ int last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
