@@ -138,6 +138,12 @@ DEV void load_stage(Stage<GROUP, UNROLL>& st, const uint4* __restrict__ wp, cons
   }
 }
 
+// The thread's activation pairs of chunk c: xt[t] = slice t's pairs of its four word-rows (xp: + r0 or + c).
+DEV void load_pairs(const uint4* __restrict__ xp, int c, uint4 xt[4]) {
+#pragma unroll
+  for (int t = 0; t < 4; t++) xt[t] = ld_nc(xp + c * 16 + 4 * t);
+}
+
 template <int GROUP, int UNROLL, int FLUSH>
 DEV void compute_stage(const Stage<GROUP, UNROLL>& st, const uint4* __restrict__ xp, int c, int c_left,
                        float acc[4]) {
@@ -145,9 +151,8 @@ DEV void compute_stage(const Stage<GROUP, UNROLL>& st, const uint4* __restrict__
 #pragma unroll
   for (int u = 0; u < UNROLL; u++) {
     if (u < c_left) {
-      uint4 xt[4];  // slice t: the pairs of word-rows 4 r0 .. 4 r0 + 3
-#pragma unroll
-      for (int t = 0; t < 4; t++) xt[t] = ld_nc(xp + (c + u) * 16 + 4 * t);
+      uint4 xt[4];
+      load_pairs(xp, c + u, xt);
       const GroupRaw& q0 = st.q[u][0 / SPG];
       const GroupRaw& q1 = st.q[u][1 / SPG];
       const GroupRaw& q2 = st.q[u][2 / SPG];
@@ -222,9 +227,8 @@ DEV void compute_stage_tc(const Stage<GROUP, UNROLL>& st, const uint4* __restric
 #pragma unroll
   for (int u = 0; u < UNROLL; u++) {
     if (u < c_left) {
-      uint4 xt[4];  // slice t: the pairs of word-rows 4 c .. 4 c + 3
-#pragma unroll
-      for (int t = 0; t < 4; t++) xt[t] = ld_nc(xp + (c + u) * 16 + 4 * t);
+      uint4 xt[4];
+      load_pairs(xp, c + u, xt);
       u32 d[4][4][4];  // [word-row j][column i][slice t]
 #pragma unroll
       for (int j = 0; j < 4; j++) {
