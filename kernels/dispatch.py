@@ -259,7 +259,9 @@ def w4a16_matmul(
     if m == 0:
         return x.new_empty((*lead, n // 2 if silu else n))
     cfg = config or choose_config(m, n, k, g, x.dtype, x.device)
-    if (cfg.kind == "gemv" and m != 1) or (cfg.kind == "cuda" and (m != 1 or x.dtype != torch.float16)):
+    if cfg.kind == "gemv" and m != 1:
+        cfg = heuristic_config(m, n, k, g)
+    if cfg.kind == "cuda" and (m != 1 or x.dtype != torch.float16):  # an explicit config it cannot run
         cfg = heuristic_config(m, n, k, g, fma=x.dtype != torch.bfloat16)
     if cfg.kind in ("fma", "cuda") and zeros is None:  # fma and cuda read the integer zero points
         cfg = heuristic_config(max(m, 16), n, k, g)

@@ -1,6 +1,7 @@
 """Launcher of the CUDA C++ batch-1 GEMV (``kernels/cuda/w4a16_gemv.cu``; built by :mod:`cuda_jit`), the
-dispatcher's kernel kind ``"cuda"`` (``KernelConfig``: ``split_k``, ``num_warps``, ``chunks`` = chunks an
-iteration, ``num_stages`` 2 = the next iteration's loads issued first, ``zfold`` = tensor cores, ``flush``).
+dispatcher's kernel kind ``"cuda"`` (``KernelConfig``: ``split_k``, ``num_warps`` = 32-column blocks a CTA,
+``ksplit`` = warps over each block's K range, ``chunks`` = chunks an iteration, ``num_stages`` 2 = the next
+iteration's loads issued first, ``zfold`` = tensor cores, ``flush``).
 
 ``gemv(x, qweight, sz, zeros, split_k, ...)`` computes ``y [1, N] = x [1, K] @ W`` for fp16 ``x`` over the
 packed layout (docs/layout.md). Split-K partials meet as the Triton ``fma`` kernel's do (``w4a16.fma``):
@@ -147,7 +148,8 @@ def gemv(
             scratch = torch.zeros(tiles, dtype=torch.int32, device=dev)
         if scratch.dtype != torch.int32 or scratch.numel() < tiles or scratch.device != dev:
             raise QuantConfigError(f"scratch must be a zeroed int32 tensor of >= {tiles} counters on {dev}")
-        ws = torch.empty(tiles * splits * tile_n, dtype=torch.float32, device=dev)
+        # the split-K workspace (one split: none, partials meet in shared memory)
+        ws = torch.empty(tiles * splits * tile_n if splits > 1 else 1, dtype=torch.float32, device=dev)
         buffers = [ws, y, ws, scratch]  # float32 out unused
     name = (
         f"w4a16_gemv<{group}, {opts.unroll}, {opts.flush}, {REDUCE[mode]}, "
@@ -165,9 +167,9 @@ def gemv(
 
 
 def enabled(device: torch.device) -> bool:
-    """Whether the dispatcher may pick this kernel on ``device``: CUDA, compute capability >= 8 (mma.m16n8k16,
-    ``red.v4`` needs 9: checked at build), NVRTC loadable, and ``LMKILN_CUDA_GEMV`` not 0 (an A/B switch, read
-    at every call)."""
+    """Whether the dispatcher may pick this kernel on ``device``: CUDA, compute capability >= 9
+    (``red.global.add.v4.f32``, ``griddepcontrol``), NVRTC loadable, and ``LMKILN_CUDA_GEMV`` not 0 (an A/B
+    switch, read at every call)."""
     choice = os.environ.get(ENABLE_ENV, "").strip()
     if choice not in ("", "0", "1"):
         raise QuantConfigError(f"{ENABLE_ENV}={choice!r}: use 0 (off), 1 (on where supported) or leave unset")

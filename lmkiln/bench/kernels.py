@@ -397,7 +397,8 @@ def warm_compile(configs: Sequence[Any], group_size: int, dtype: torch.dtype, wo
     import multiprocessing
 
     t0 = time.time()
-    uniq = list({_compile_key(c): c.to_dict() for c in configs}.values())
+    # (kind "cuda" builds with NVRTC in the process that launches it, a fraction of a second: nothing to warm)
+    uniq = list({_compile_key(c): c.to_dict() for c in configs if c.kind != "cuda"}.values())
     jobs = [(uniq[i::workers], group_size, str(dtype).replace("torch.", "")) for i in range(workers)]
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
