@@ -1,19 +1,24 @@
 // Batch-1 W4A16 GEMV over the packed int4 layout (docs/layout.md, lmkiln-w4-tiled v1), fp16 activations.
-// Compiled at run time by NVRTC (kernels/cuda_jit.py); no CUDA headers needed.
+// Compiled at run time by NVRTC (kernels/cuda_jit.py, launcher kernels/w4a16_cuda.py); no CUDA headers.
 //
-// y[N] = x[K] @ W. A CTA is WARPS x KSPLIT warps; warp w owns the 32-column block b = WARPS * blockIdx.x +
-// w % WARPS and part w / WARPS of the K range of split blockIdx.y (whole 128-row chunks). In a warp, lane = 8 * r0 + cq reads 16 bytes (columns
-// 4 * cq .. 4 * cq + 3) of word-rows 4 * r0 .. 4 * r0 + 3 of every chunk (each warp load: four fully used
-// 128-byte lines). Word-row r holds rows (2r, 2r + 1) of the chunk's four 32-row slices (nibbles t, t + 4),
-// so the thread's activation pairs of slice t are 4 consecutive (x[k], x[k+1]) pairs: one 16-byte load
-// (L1-cached: every CTA of an SM reads the same x).
+// y[N] = x[K] @ W. A CTA is WARPS x KSPLIT warps: warp w owns the 32-column block b = WARPS * blockIdx.x +
+// w % WARPS and part w / WARPS of the chunks (128 rows each) of split blockIdx.y. Word-row r of a chunk holds
+// rows (2r, 2r + 1) of its four 32-row slices (nibbles t, t + 4). A thread loads 16 bytes (4 columns) of 4
+// consecutive word-rows of every chunk, so its activation pairs of slice t are 4 consecutive (x[k], x[k+1])
+// pairs, one 16-byte load (L1-cached: every CTA of an SM reads the same x); a warp load is four fully used
+// 128-byte lines.
 //
-// Per word: four half2 (q - z) * s by the lop3 "1024 + q" trick (13 instructions, as kernels/w4a16.py's
-// fma path), four fma.rn.f16x2 with the activation pairs, a float32 flush every FLUSH word-rows.
-// Splits meet either by red.global.add.v4.f32 into a zeroed float32 output (REDUCE 0; the consumer zeroes
-// it again) or in order through a float32 workspace and a counter, the last CTA of a column tile writing
-// fp16 (REDUCE 1) or silu(gate) * up of an interleaved gate/up weight (REDUCE 2).
-// Programmatic dependent launch: weights (never written) may be read before griddepcontrol.wait.
+// TC (the dispatcher's choice): lane = 4 g + c holds columns 4g..4g+3 and word-rows 4c..4c+3; each word
+// becomes four half2 (q - z) * 2^-24 (exact fp16 subnormals) that feed mma.m16n8k16 (float32 sums), the
+// scale applied once per group (compute_stage_tc). Otherwise lane = 8 r0 + cq holds columns 4cq..4cq+3 and
+// word-rows 4r0..4r0+3, and each word becomes four half2 (q - z) * s for fma.rn.f16x2 with a float32 flush
+// every FLUSH word-rows (compute_stage, as kernels/w4a16.py's fma kernel).
+//
+// A CTA's KSPLIT partials meet in shared memory; the splits then meet by red.global.add into a zeroed float32
+// output (REDUCE 0; the consumer zeroes it again) or in split order through a float32 workspace and a
+// counter (one split: neither), the last CTA of a tile writing fp16 (REDUCE 1) or silu(gate) * up of an
+// interleaved gate/up weight (REDUCE 2). Programmatic dependent launch: weights (never written) are read
+// before griddepcontrol.wait (PRELOAD), everything else after it.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -113,7 +118,9 @@ DEV GroupRaw load_group(const uint4* __restrict__ sz, const u32* __restrict__ zp
 }
 
 DEV u32 pick(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
-DEV u32 zs_of(const GroupRaw& q, int i) { return (0x6400u + ((q.z4 >> (8 * i)) & 0xFFu)) * 0x10001u; }  // 1024 + z
+DEV u32 zs_of(const GroupRaw& q, int i) {  // 1024 + z
+  return (0x6400u + ((q.z4 >> (8 * i)) & 0xFFu)) * 0x10001u;
+}
 DEV u32 zf_of(const GroupRaw& q, int i) {  // -(64 + z)
   return (0xD400u + 16u * ((q.z4 >> (8 * i)) & 0xFFu)) * 0x10001u;
 }
@@ -213,7 +220,9 @@ DEV u32 zsub_of(const GroupRaw& q, int i) { return ((q.z4 >> (8 * i)) & 0xFFu) *
 DEV u32 nzsub_of(const GroupRaw& q, int i) {  // -z 2^-24
   return (0x8000u | ((q.z4 >> (8 * i)) & 0xFFu)) * 0x10001u;
 }
-DEV float scale_of(const GroupRaw& q, int i) { return f16_to_f32((u16)(pick(q.sm, i) & 0xFFFFu)) * 16777216.0f; }
+DEV float scale_of(const GroupRaw& q, int i) {  // s * 2^24
+  return f16_to_f32((u16)(pick(q.sm, i) & 0xFFFFu)) * 16777216.0f;
+}
 
 #ifndef LMKILN_CHAINS
 #define LMKILN_CHAINS 2
@@ -244,7 +253,8 @@ DEV void compute_stage_tc(const Stage<GROUP, UNROLL>& st, const uint4* __restric
 #pragma unroll
       for (int j = 0; j < 4; j++)
 #pragma unroll
-        for (int i = 0; i < 4; i++) h ^= d[j][i][0] ^ d[j][i][1] ^ d[j][i][2] ^ d[j][i][3] ^ xt[i].x ^ xt[j].y;
+        for (int i = 0; i < 4; i++)
+          h ^= d[j][i][0] ^ d[j][i][1] ^ d[j][i][2] ^ d[j][i][3] ^ xt[i].x ^ xt[j].y;
       acc[0] += __int_as_float(h & 0x007FFFFF);
 #else
 #pragma unroll
@@ -278,7 +288,8 @@ DEV void compute_stage_tc(const Stage<GROUP, UNROLL>& st, const uint4* __restric
 }
 
 template <int GROUP, int UNROLL, int FLUSH, bool TC>
-DEV void compute(const Stage<GROUP, UNROLL>& st, const uint4* __restrict__ xp, int c, int c_left, float acc[4]) {
+DEV void compute(const Stage<GROUP, UNROLL>& st, const uint4* __restrict__ xp, int c, int c_left,
+                 float acc[4]) {
   if (TC) {
     compute_stage_tc<GROUP, UNROLL>(st, xp, c, c_left, acc);
   } else {
@@ -318,7 +329,10 @@ DEV void finish(float acc[4], float* __restrict__ out, u16* __restrict__ y, floa
     }
     return;
   }
-  if (writer) *reinterpret_cast<float4*>(part + kp * T + cb * 32 + 4 * cq) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  if (writer) {
+    float4* p = reinterpret_cast<float4*>(part + kp * T + cb * 32 + 4 * cq);
+    *p = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  }
   __syncthreads();
   const int t = threadIdx.x, tile = blockIdx.x, col0 = tile * T;
   float s = 0.f;
@@ -327,7 +341,9 @@ DEV void finish(float acc[4], float* __restrict__ out, u16* __restrict__ y, floa
     for (int k = 0; k < KSPLIT; k++) s += part[k * T + t];
   }
   if (REDUCE == 0) {
-    if (t < T && col0 + t < N) asm volatile("red.relaxed.gpu.global.add.f32 [%0], %1;" :: "l"(out + col0 + t), "f"(s) : "memory");
+    if (t < T && col0 + t < N) {
+      asm volatile("red.relaxed.gpu.global.add.f32 [%0], %1;" :: "l"(out + col0 + t), "f"(s) : "memory");
+    }
     return;
   }
   const int splits = gridDim.y;
@@ -354,7 +370,8 @@ DEV void finish(float acc[4], float* __restrict__ out, u16* __restrict__ y, floa
   if (REDUCE == 1) {
     if (t < T && col0 + t < N) y[col0 + t] = f32_to_f16(s);
   } else {
-    // interleaved gate/up: 32-column blocks [g, u, g, u, ...]; output o of the tile = pair o / 32, column o % 32
+    // interleaved gate/up: 32-column blocks [g, u, g, u, ...]; output o of the tile: pair o / 32, column
+    // o % 32
     if (t < T) tile_v[t] = f16_to_f32(f32_to_f16(s));  // the GEMM output rounded to fp16
     __syncthreads();
     const int p = t / 32, c = t % 32;
@@ -368,7 +385,8 @@ DEV void finish(float acc[4], float* __restrict__ out, u16* __restrict__ y, floa
 
 // grid (ceil(N / (32 * WARPS)), splits), 32 * WARPS * KSPLIT threads; `per` chunks a split, of which warp
 // w's k-part (w / WARPS) takes an equal share.
-template <int GROUP, int UNROLL, int FLUSH, int REDUCE, bool PRELOAD, bool PIPE, int WARPS, bool TC, int KSPLIT>
+template <int GROUP, int UNROLL, int FLUSH, int REDUCE, bool PRELOAD, bool PIPE, int WARPS, bool TC,
+          int KSPLIT>
 __global__ void __launch_bounds__(32 * WARPS * KSPLIT) w4a16_gemv(
     const uint4* __restrict__ x, const uint4* __restrict__ qw, const uint4* __restrict__ sz,
     const u32* __restrict__ zp, float* __restrict__ out, u16* __restrict__ y, float* __restrict__ ws,
