@@ -180,6 +180,9 @@ class CudaKernel:
     ) -> None:
         if smem > _SMEM_DEFAULT_MAX:
             raise KernelInputError(f"{self.name}: {smem} bytes of shared memory > {_SMEM_DEFAULT_MAX}")
+        if torch.cuda.current_device() != self.device.index:  # the driver launches in the current context
+            with torch.cuda.device(self.device):
+                return self(grid, block, args, smem, pdl)
         holders: list[ctypes._SimpleCData] = []
         for a in args:
             if isinstance(a, torch.Tensor):
