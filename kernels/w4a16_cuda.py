@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 from lmkiln.kernels import cuda_jit, pdl
+from lmkiln.kernels.reference import check_w4a16_inputs
 
 from lmkiln.errors import QuantConfigError
-from lmkiln.quant.pack import GATE_UP_BLOCK, PACK_K, PACK_N
+from lmkiln.quant.pack import GATE_UP_BLOCK, PACK_K
 
 SOURCE = "w4a16_gemv.cu"
 ENABLE_ENV = "LMKILN_CUDA_GEMV"
@@ -75,7 +76,7 @@ def gemv(
     x: torch.Tensor,
     qweight: torch.Tensor,
     sz: torch.Tensor,
-    zeros: torch.Tensor,
+    zeros: torch.Tensor | None,
     split_k: int,
     out: torch.Tensor | None = None,
     reduce: str = "atomic",
@@ -90,27 +91,14 @@ def gemv(
         )
     if x.dim() != 2 or x.shape[0] != 1:
         raise QuantConfigError(f"cuda gemv takes exactly one row [1, K], got {tuple(x.shape)}")
-    k = x.shape[1]
-    if qweight.dtype != torch.int32 or qweight.dim() != 3 or qweight.shape[2] != PACK_N:
-        raise QuantConfigError(
-            f"qweight must be int32 [N/32, K/8, 32], got {qweight.dtype} {tuple(qweight.shape)}"
-        )
-    n = qweight.shape[0] * PACK_N
-    if qweight.shape[1] * 8 != k or k % PACK_K:
-        raise QuantConfigError(
-            f"qweight {tuple(qweight.shape)} does not match K={k} (a multiple of {PACK_K})"
-        )
-    if sz.dtype != torch.float16 or sz.dim() != 3 or sz.shape[1:] != (n, 2) or k % sz.shape[0]:
-        raise QuantConfigError(f"sz must be float16 [K/G, {n}, 2], got {sz.dtype} {tuple(sz.shape)}")
-    group = k // sz.shape[0]
-    if group not in (32, 64, 128):
-        raise QuantConfigError(f"cuda gemv supports group sizes 32, 64 and 128, got {group}")
-    if zeros is None or zeros.dtype != torch.uint8 or tuple(zeros.shape) != (k // group, n):
-        got = "None" if zeros is None else f"{zeros.dtype} {tuple(zeros.shape)}"
-        raise QuantConfigError(f"zeros must be uint8 [{k // group}, {n}], got {got}")
+    if zeros is None:
+        raise QuantConfigError("the cuda gemv needs the packed `zeros` tensor (uint8 [K/G, N])")
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        x = x.contiguous().clone()  # the kernel reads activations 16 bytes at a time
+    _, n, k, group = check_w4a16_inputs(x, qweight, sz, zeros)
     for name, t in (("qweight", qweight), ("sz", sz), ("zeros", zeros)):
-        if not t.is_contiguous() or t.device != x.device:
-            raise QuantConfigError(f"{name} must be contiguous and on {x.device}")
+        if t.device != x.device:
+            raise QuantConfigError(f"{name} is on {t.device}, the activations on {x.device}")
     mode = "silu" if silu else reduce
     if mode not in REDUCE or (silu and reduce != "ordered"):
         raise QuantConfigError(
@@ -121,8 +109,6 @@ def gemv(
             f"the SiLU epilogue needs N a multiple of {2 * GATE_UP_BLOCK} (got {n}) and an even number of "
             f"warps (got {opts.warps})"
         )
-    if not x.is_contiguous() or x.data_ptr() % 16:
-        x = x.contiguous().clone()  # the kernel reads activations 16 bytes at a time
     n_chunks = k // PACK_K
     splits, per = plan(n_chunks, split_k)
     tile_n = 32 * opts.warps
