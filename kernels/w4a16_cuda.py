@@ -13,7 +13,6 @@ The pure-torch reference is ``reference.w4a16_matmul_ref``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -61,9 +60,6 @@ class CudaGemvOptions:
                 "cuda gemv: unroll and flush must be 1, 2 or 4, warps and ksplit 1, 2, 4 or 8 with "
                 f"warps x ksplit <= 32, got {self}"
             )
-
-    def replace(self, **kw) -> CudaGemvOptions:
-        return dataclasses.replace(self, **kw)
 
 
 def plan(n_chunks: int, split_k: int) -> tuple[int, int]:
