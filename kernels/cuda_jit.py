@@ -129,7 +129,8 @@ def read_source(name: str) -> str:
 @functools.lru_cache(maxsize=64)
 def compile_cubin(source: str, name_expr: str, arch: str, options: tuple[str, ...] = ()) -> tuple[bytes, str]:
     """``(cubin, lowered name)`` of the kernel ``name_expr`` (a template instance such as
-    ``"w4a16_gemv<128, 1, 1, 0, true, false, 4, true, 1>"``) in ``source``, for ``arch`` (``"sm_90"``)."""
+    ``"w4a16_gemv<128, 1, 1, 0, true, false, 4, true, 1>"``) in ``source``, for ``arch`` (``"sm_90"``);
+    ``#include "common.cuh"`` finds the headers of :data:`SOURCE_DIR`."""
     lib = nvrtc()
 
     def ok(res: int, what: str) -> None:
@@ -141,7 +142,7 @@ def compile_cubin(source: str, name_expr: str, arch: str, options: tuple[str, ..
     ok(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"lmkiln.cu", 0, None, None), "create")
     try:
         ok(lib.nvrtcAddNameExpression(prog, name_expr.encode()), "add name")
-        opts = [f"--gpu-architecture={arch}", "-std=c++17", *options]
+        opts = [f"--gpu-architecture={arch}", "-std=c++17", f"--include-path={SOURCE_DIR}", *options]
         arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
         res = lib.nvrtcCompileProgram(prog, len(opts), arr)
         if res != 0:
@@ -163,7 +164,8 @@ def compile_cubin(source: str, name_expr: str, arch: str, options: tuple[str, ..
 
 class CudaKernel:
     """One compiled kernel on one device. ``kernel(grid, block, args, smem=0, pdl=False)`` launches it on
-    PyTorch's current stream; ``args`` are tensors (passed as device pointers) and Python ints (``int``)."""
+    PyTorch's current stream; ``args`` are tensors (passed as device pointers), Python ints (``int``) and
+    floats (``float``)."""
 
     def __init__(
         self, module: ctypes.c_void_p, func: ctypes.c_void_p, name: str, device: torch.device
@@ -193,6 +195,8 @@ class CudaKernel:
                 holders.append(ctypes.c_void_p(a.data_ptr()))
             elif isinstance(a, int):
                 holders.append(ctypes.c_int(a))
+            elif isinstance(a, float):
+                holders.append(ctypes.c_float(a))
             else:
                 raise KernelInputError(f"{self.name}: unsupported argument {type(a).__name__}")
         params = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])

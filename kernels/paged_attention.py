@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from lmkiln.kernels import pdl
+from lmkiln.kernels import attention_cuda, pdl
 from lmkiln.kernels.fused import check_rotary, cos_sin, rotate_halves
 from lmkiln.kernels.kv_cache import check_cache, check_sink
 from lmkiln.kernels.pdl import interpreting
@@ -633,6 +633,10 @@ def paged_decode(
         counters = make_counters(q.device, q.shape[0] * hk)
     if new_kv is not None:
         _check_new_kv(new_kv, q, k_cache, bits, sink, consume)
+        if attention_cuda.usable(q, k_cache, v_cache, new_kv, consume):
+            splits = min(splits, attention_cuda.MAX_SPLITS)
+            return attention_cuda.decode(q, k_cache, v_cache, block_tables, seq_lens, scale, out, new_kv,
+                                         consume, splits)
     _launch(
         q,
         k_cache,

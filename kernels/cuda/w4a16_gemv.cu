@@ -20,10 +20,7 @@
 // interleaved gate/up weight (REDUCE 2). Programmatic dependent launch: weights (never written) are read
 // before griddepcontrol.wait (PRELOAD), everything else after it.
 
-typedef unsigned int u32;
-typedef unsigned short u16;
-
-#define DEV __device__ __forceinline__
+#include "common.cuh"
 
 DEV uint4 ld_stream(const uint4* p) {
   uint4 v;
@@ -32,21 +29,6 @@ DEV uint4 ld_stream(const uint4* p) {
       : "l"(p));
   return v;
 }
-
-DEV uint4 ld_nc(const uint4* p) {
-  uint4 v;
-  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-
-DEV u32 ld_nc32(const u32* p) {
-  u32 v;
-  asm("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
-  return v;
-}
-
-DEV void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-DEV void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 
 // One word -> four half2 (q - z) * s: slices 0, 2 by `1024 + q - (1024 + z)`, slices 1, 3 (nibbles shifted
 // by 4) by `(1024 + 16 q) / 16 - (64 + z)`; both exact, then one rounding by the scale.
@@ -92,18 +74,6 @@ DEV float h2_sum(u32 a) {  // float(lo) + float(hi)
       : "=f"(r)
       : "r"(a));
   return r;
-}
-
-DEV u16 f32_to_f16(float f) {
-  u16 h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  return h;
-}
-
-DEV float f16_to_f32(u16 h) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
 }
 
 // One group's zero points (4 bytes) and (s, m) pairs (16 bytes) for the thread's 4 columns, as loaded.
