@@ -14,8 +14,10 @@
 // barrier), not through global memory and a counter.
 
 #include "common.cuh"
+#include "w4a16_tc.cuh"
 
 constexpr int WARPS = 4, THREADS = 32 * WARPS, STAGE = 64, PIECE = 16;
+constexpr int O_BLOCKS = 4;  // fused o_proj: 32-column blocks of W_o a warp, at most
 #define NEG_INF (-__int_as_float(0x7f800000))
 
 DEV float round_f16(float f) { return f16_to_f32(f32_to_f16(f)); }
@@ -43,15 +45,6 @@ DEV void cluster_sync() {  // every thread of every CTA of the cluster; shared-m
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 
-DEV float ld_cluster(const float* p, u32 rank) {  // `p` (shared memory) in CTA `rank` of the cluster
-  u32 local, remote;
-  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(local) : "l"(p));
-  asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-  float v;
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
-  return v;
-}
-
 template <bool C>
 struct ActT {
   typedef u16 T;  // fp16 q, k, v
@@ -61,24 +54,69 @@ struct ActT<true> {
   typedef float T;  // a float32 split-K accumulator (consumed: zeroed here)
 };
 
+// Rotated 8 dims [e, e + 8) of a head row (fp16 values as float): x = the row, e's partner half at e +- D/2,
+// rounded as kernels/fused.py's rotate_halves: o = f16(f16(x c) -+ f16(x' s)) with the cos / sin of dim e.
+template <int D, typename AT>
+DEV void rotate8(const AT* row, int e, const float c[8], const float s[8], float o[8]) {
+  constexpr int H = D / 2;
+  const bool lower = e < H;
+  const int p = lower ? e + H : e - H;
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    const float x = act(row, e + j), xp = act(row, p + j);
+    o[j] = round_f16(round_f16(x * c[j]) + round_f16((lower ? -xp : xp) * s[j]));
+  }
+}
+
+DEV u32 pack2(float lo, float hi) { return (u32)f32_to_f16(lo) | ((u32)f32_to_f16(hi) << 16); }
+DEV uint4 pack8(const float o[8]) {
+  return make_uint4(pack2(o[0], o[1]), pack2(o[2], o[3]), pack2(o[4], o[5]), pack2(o[6], o[7]));
+}
+
+DEV u32 smem_u32(const void* p) {
+  u32 a;
+  asm("{ .reg .u64 x; cvta.to.shared.u64 x, %1; cvt.u32.u64 %0, x; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+DEV void cp_async16(void* smem, const void* gmem) {  // 16 bytes global -> shared, not waited for here
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_u32(smem)), "l"(gmem) : "memory");
+}
+
+DEV void st_cluster(float* p, u32 rank, float v) {  // `p` (shared memory) in CTA `rank` of the cluster
+  u32 local, remote;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(local) : "l"(p));
+  asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(remote), "f"(v) : "memory");
+}
+
 // D head dim (64 or 128), G query heads a KV head (1..4), S splits = cluster size (1..8), CONSUME q/k/v
-// float32 accumulators, SLOT64 int64 slot mapping.
-template <int D, int G, int S, bool CONSUME, bool SLOT64>
+// float32 accumulators, SLOT64 int64 slot mapping. OG > 0 (G = 1, D = 128): the o_proj is fused, W_o an int4
+// weight of group size OG in the packed layout whose chunk hq (128 rows) multiplies this head's output: the
+// cluster's CTAs split its columns (warp w of CTA s: blocks (s * WARPS + w) + i * S * WARPS), their codes
+// copied into shared memory before the PDL wait, and add x_h @ W_o[chunk hq] into o_acc (float32 [No], as
+// the atomic split-K GEMV does; its consumer zeroes it again).
+template <int D, int G, int S, bool CONSUME, bool SLOT64, int OG>
 __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(THREADS) decode_attn(
     const typename ActT<CONSUME>::T* __restrict__ q, const typename ActT<CONSUME>::T* __restrict__ kn,
     const typename ActT<CONSUME>::T* __restrict__ vn, int sq_t, int sq_h, int sk_t, int sk_h, int sv_t,
     int sv_h, const u16* __restrict__ cos, const u16* __restrict__ sin, int sc_t, int ss_t,
     u16* __restrict__ k_cache, u16* __restrict__ v_cache, const void* __restrict__ slots, int num_slots,
     const int* __restrict__ tables, int stride_bt, int max_blocks, const int* __restrict__ lens,
-    u16* __restrict__ out, int so_t, int so_h, int Hk, int page_shift, float qk_scale) {
+    u16* __restrict__ out, int so_t, int so_h, int Hk, int page_shift, float qk_scale,
+    const uint4* __restrict__ wo, const uint4* __restrict__ wo_sz, const u32* __restrict__ wo_z,
+    float* __restrict__ o_acc, int No, int KWo) {
   typedef typename ActT<CONSUME>::T AT;
-  constexpr int LPK = D / 8, KPW = 32 / LPK, KPR = WARPS * KPW, R = STAGE / KPR, H = D / 2;
-  __shared__ float qs[G][D];
-  __shared__ __align__(16) u16 kns[D];
-  __shared__ __align__(16) u16 vns[D];
+  constexpr int LPK = D / 8, KPW = 32 / LPK, KPR = WARPS * KPW, R = STAGE / KPR;
+  constexpr bool FUSE_O = OG > 0;
+  static_assert(!FUSE_O || (G == 1 && D == 128), "the fused o_proj takes one 128-dim head a KV head");
+  constexpr int ONG = FUSE_O ? 128 / OG : 1, OB = FUSE_O ? O_BLOCKS : 1;
   __shared__ float wm[WARPS][G], wl[WARPS][G];
   __shared__ float wacc[WARPS][G][D];
-  __shared__ float cm[G], cl[G], cacc[G][D];  // this split's state, read by the whole cluster
+  // every split's state, pushed into rank 0 (or, with FUSE_O, into every CTA: each needs the head's output)
+  __shared__ float pm[S][G], pl[S][G], pacc[S][G][D];
+  __shared__ __align__(16) u16 xs[FUSE_O ? D : 8];         // the head's output, fp16: W_o's activations
+  __shared__ __align__(16) uint4 wos[OB][4][FUSE_O ? THREADS : 1];  // W_o codes: [block][word-row][thread]
 
   pdl_trigger();
   const int split = blockIdx.x, b = blockIdx.y / Hk, hk = blockIdx.y % Hk;
@@ -108,56 +146,59 @@ __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(THREADS) decode_attn
     }
   };
   load_stage(kv_lo);
-  float c1[2], c2[2], s1[2], s2[2];  // the rotary's cos / sin of this thread's items (below)
+  GroupRaw wog[OB][ONG];  // W_o's zero points and scales of the thread's blocks
+  const int orow = FUSE_O ? lane & 3 : 0, ocq = FUSE_O ? lane >> 2 : 0;  // word-row quad, column quad
+  if constexpr (FUSE_O) {
+    const int hq = hk;  // G = 1
 #pragma unroll
-  for (int u = 0; u < 2; u++) {
-    const int d = (tid + u * THREADS) % H;
-    c1[u] = f16_to_f32(cos[(size_t)b * sc_t + d]);
-    c2[u] = f16_to_f32(cos[(size_t)b * sc_t + d + H]);
-    s1[u] = f16_to_f32(sin[(size_t)b * ss_t + d]);
-    s2[u] = f16_to_f32(sin[(size_t)b * ss_t + d + H]);
+    for (int i = 0; i < OB; i++) {
+      const int blk = split * WARPS + warp + i * S * WARPS;
+      if (blk * 32 < No) {
+        const uint4* wp = wo + (size_t)blk * KWo * 8 + (size_t)(16 * hq + 4 * orow) * 8 + ocq;
+#pragma unroll
+        for (int j = 0; j < 4; j++) cp_async16(&wos[i][j][tid], wp + j * 8);
+#pragma unroll
+        for (int gi = 0; gi < ONG; gi++) wog[i][gi] = load_group(wo_sz, wo_z, hq * ONG + gi, No, blk * 32 + 4 * ocq);
+      }
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
   }
+  float cs[8], sn[8];  // the rotary's cos / sin of this thread's dims
+#pragma unroll
+  for (int j = 0; j < 8; j++) {
+    cs[j] = f16_to_f32(cos[(size_t)b * sc_t + 8 * dl + j]);
+    sn[j] = f16_to_f32(sin[(size_t)b * ss_t + 8 * dl + j]);
+  }
+  // The new key sits in the last stage (it is the last key): row r_new of the LPK lanes holding it.
+  const bool has_new = kv_lo <= p_new && p_new < kv_hi;
+  const int last_base = kv_lo + (max(kv_hi - 1 - kv_lo, 0) / STAGE) * STAGE, off = p_new - last_base;
+  const bool holds_new = has_new && (off % KPR) / KPW == warp && off % KPW == kg;
+  const int r_new = off / KPR;
 
   pdl_wait();
   // q and the new k, rounded as the GEMM's fp16 output, rotated as kernels/fused.py's rotate_halves
   const AT* qrow = q + (size_t)b * sq_t + (size_t)hk * G * sq_h;
   const AT* krow = kn + (size_t)b * sk_t + (size_t)hk * sk_h;
   const AT* vrow = vn + (size_t)b * sv_t + (size_t)hk * sv_h;
-  for (int i = tid, u = 0; i < (G + 1) * H; i += THREADS, u++) {
-    const int hh = i / H, d = i % H;
-    const AT* src = hh < G ? qrow + (size_t)hh * sq_h : krow;
-    const float x1 = act(src, d), x2 = act(src, d + H);
-    const float cc1 = u < 2 ? c1[u] : f16_to_f32(cos[(size_t)b * sc_t + d]);
-    const float cc2 = u < 2 ? c2[u] : f16_to_f32(cos[(size_t)b * sc_t + d + H]);
-    const float ss1 = u < 2 ? s1[u] : f16_to_f32(sin[(size_t)b * ss_t + d]);
-    const float ss2 = u < 2 ? s2[u] : f16_to_f32(sin[(size_t)b * ss_t + d + H]);
-    const u16 o1 = f32_to_f16(round_f16(x1 * cc1) + round_f16(-x2 * ss1));
-    const u16 o2 = f32_to_f16(round_f16(x2 * cc2) + round_f16(x1 * ss2));
-    if (hh < G) {
-      qs[hh][d] = f16_to_f32(o1);
-      qs[hh][d + H] = f16_to_f32(o2);
-    } else {
-      kns[d] = o1;
-      kns[d + H] = o2;
-    }
-  }
-  for (int d = tid; d < D; d += THREADS) vns[d] = f32_to_f16(act(vrow, d));
-  __syncthreads();
-  const bool has_new = kv_lo <= p_new && p_new < kv_hi;
-  if (has_new && tid < D / 8) {  // the new row into the cache, as kernels/kv_cache.py's write_kv
+  float qf[G][8];
+#pragma unroll
+  for (int h = 0; h < G; h++) rotate8<D>(qrow + (size_t)h * sq_h, 8 * dl, cs, sn, qf[h]);
+  uint4 k_new, v_new;
+  if (holds_new) {  // this step's key and value: into the cache (as kernels/kv_cache.py's write_kv), and kept
+    float o[8], v8[8];
+    rotate8<D>(krow, 8 * dl, cs, sn, o);
+#pragma unroll
+    for (int j = 0; j < 8; j++) v8[j] = act(vrow, 8 * dl + j);
+    k_new = pack8(o);
+    v_new = pack8(v8);
     const long long slot = SLOT64 ? static_cast<const long long*>(slots)[b] : static_cast<const int*>(slots)[b];
     if (slot >= 0 && slot < num_slots) {
-      const size_t at = ((size_t)slot * Hk + hk) * D + 8 * tid;
-      *reinterpret_cast<uint4*>(k_cache + at) = *reinterpret_cast<const uint4*>(kns + 8 * tid);
-      *reinterpret_cast<uint4*>(v_cache + at) = *reinterpret_cast<const uint4*>(vns + 8 * tid);
+      const size_t at = ((size_t)slot * Hk + hk) * D + 8 * dl;
+      *reinterpret_cast<uint4*>(k_cache + at) = k_new;
+      *reinterpret_cast<uint4*>(v_cache + at) = v_new;
     }
   }
 
-  float qf[G][8];
-#pragma unroll
-  for (int h = 0; h < G; h++)
-#pragma unroll
-    for (int j = 0; j < 8; j++) qf[h][j] = qs[h][8 * dl + j];
   float m[G], l[G], acc[G][8];
 #pragma unroll
   for (int h = 0; h < G; h++) {
@@ -168,14 +209,14 @@ __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(THREADS) decode_attn
   }
   for (int base = kv_lo; base < kv_hi; base += STAGE) {
     if (base != kv_lo) load_stage(base);
+    const bool new_here = holds_new && base == last_base;
     float s[R][G];
 #pragma unroll
     for (int r = 0; r < R; r++) {
-      const int key = base + r * KPR + warp * KPW + kg;
-      const bool is_new = key == p_new && has_new;
-      if (is_new) {  // this step's key and value, from shared memory (not read back from the cache)
-        kr[r] = *reinterpret_cast<const uint4*>(kns + 8 * dl);
-        vr[r] = *reinterpret_cast<const uint4*>(vns + 8 * dl);
+      const bool is_new = new_here && r == r_new;
+      if (is_new) {  // not read back from the cache
+        kr[r] = k_new;
+        vr[r] = v_new;
       }
       float k8[8];
       lo_hi(kr[r].x, k8[0], k8[1]);
@@ -189,7 +230,8 @@ __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(THREADS) decode_attn
         for (int j = 0; j < 8; j++) dot += qf[h][j] * k8[j];
 #pragma unroll
         for (int o = LPK / 2; o >= 1; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-        s[r][h] = is_new || (ok >> r & 1u) ? dot * qk_scale : NEG_INF;
+        // is_new of any lane of the key: the LPK lanes of a key hold the same flags
+        s[r][h] = (ok >> r & 1u) || is_new ? dot * qk_scale : NEG_INF;
       }
     }
 #pragma unroll
@@ -229,7 +271,7 @@ __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(THREADS) decode_attn
     }
   }
 
-  // the warps' states -> this split's (m, l, acc) in shared memory
+  // the warps' states -> this split's (m, l, acc), pushed into rank 0's shared memory
 #pragma unroll
   for (int h = 0; h < G; h++)
 #pragma unroll
@@ -263,40 +305,65 @@ __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(THREADS) decode_attn
       a += wt * wacc[w][h][d];
       tot += wt * wl[w][h];
     }
-    cacc[h][d] = a;
-    if (d == 0) {
-      cm[h] = mx;
-      cl[h] = tot;
+#pragma unroll
+    for (int to = 0; to < (FUSE_O ? S : 1); to++) {
+      st_cluster(&pacc[split][h][d], to, a);
+      if (d == 0) {
+        st_cluster(&pm[split][h], to, mx);
+        st_cluster(&pl[split][h], to, tot);
+      }
     }
   }
-
-  // the cluster's splits meet: CTA `rank` merges items rank * THREADS + tid, + S * THREADS, ...
-  cluster_sync();
-  const u32 rank = cluster_rank();
-  for (int i = rank * THREADS + tid; i < G * D; i += S * THREADS) {
+  cluster_sync();  // the pushes have landed; every split has read q, k and v
+  const bool rank0 = cluster_rank() == 0;
+  if (!FUSE_O && !rank0) return;
+  for (int i = tid; i < G * D; i += THREADS) {
     const int h = i / D, d = i % D;
-    float ms[S];
     float mx = NEG_INF;
 #pragma unroll
-    for (int sp = 0; sp < S; sp++) {
-      ms[sp] = ld_cluster(&cm[h], sp);
-      mx = fmaxf(mx, ms[sp]);
-    }
+    for (int sp = 0; sp < S; sp++) mx = fmaxf(mx, pm[sp][h]);
     const float mu = mx == NEG_INF ? 0.f : mx;  // splits without keys weigh 0
     float a = 0.f, tot = 0.f;
 #pragma unroll
     for (int sp = 0; sp < S; sp++) {
-      const float wt = ex2(ms[sp] - mu);
-      a += wt * ld_cluster(&cacc[h][d], sp);
-      tot += wt * ld_cluster(&cl[h], sp);
+      const float wt = ex2(pm[sp][h] - mu);
+      a += wt * pacc[sp][h][d];
+      tot += wt * pl[sp][h];
     }
-    out[(size_t)b * so_t + (size_t)(hk * G + h) * so_h + d] = f32_to_f16(tot > 0.f ? a / tot : 0.f);
+    const u16 o = f32_to_f16(tot > 0.f ? a / tot : 0.f);
+    if (rank0) out[(size_t)b * so_t + (size_t)(hk * G + h) * so_h + d] = o;
+    if (FUSE_O) xs[d] = o;
   }
-  if (CONSUME) {  // every split has read q, k and v (before the cluster barrier): zero them for the GEMM
+  if constexpr (FUSE_O) {  // this CTA's columns of x_h @ W_o[chunk hq], added into o_acc
+    asm volatile("cp.async.wait_all;" ::: "memory");  // a thread reads back only its own copies
+    __syncthreads();                                   // xs
+    uint4 xt[4];
+    const uint4* xp = reinterpret_cast<const uint4*>(xs) + orow;
+#pragma unroll
+    for (int t = 0; t < 4; t++) xt[t] = xp[4 * t];
+#pragma unroll
+    for (int i = 0; i < OB; i++) {
+      const int blk = split * WARPS + warp + i * S * WARPS;
+      if (blk * 32 < No) {
+        uint4 w[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) w[j] = wos[i][j][tid];
+        float acc4[4] = {0.f, 0.f, 0.f, 0.f};
+        chunk_tc<FUSE_O ? OG : 128>(w, wog[i], xt, acc4);
+        if ((lane & 3) == 0) {
+          float* p = o_acc + (size_t)b * No + blk * 32 + 4 * ocq;
+          asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(acc4[0]),
+                       "f"(acc4[1]), "f"(acc4[2]), "f"(acc4[3])
+                       : "memory");
+        }
+      }
+    }
+  }
+  if (CONSUME && rank0) {  // zero the accumulator's q, k and v for the GEMM's next launch
     float* zq = const_cast<float*>(reinterpret_cast<const float*>(qrow));
     float* zk = const_cast<float*>(reinterpret_cast<const float*>(krow));
     float* zv = const_cast<float*>(reinterpret_cast<const float*>(vrow));
-    for (int i = rank * THREADS + tid; i < (G + 2) * D; i += S * THREADS) {
+    for (int i = tid; i < (G + 2) * D; i += THREADS) {
       const int h = i / D, d = i % D;
       if (h < G) {
         zq[(size_t)h * sq_h + d] = 0.f;
@@ -305,5 +372,4 @@ __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(THREADS) decode_attn
       }
     }
   }
-  cluster_sync();  // no CTA leaves while another still reads its shared memory
 }

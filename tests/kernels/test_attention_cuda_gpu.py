@@ -196,3 +196,52 @@ def test_cuda_decode_in_a_cuda_graph(monkeypatch) -> None:
         torch.testing.assert_close(got, out, atol=0, rtol=0)
         assert torch.equal(cache[0], k_cache) and torch.equal(cache[1], v_cache)
         perm = perm.roll(7)
+
+
+@pytest.mark.parametrize(("group", "hidden", "splits"), [(128, 4096, 8), (64, 512, 8), (32, 1024, 2)])
+def test_fused_o_proj_adds_the_heads_output_times_w_o(make_packed, group, hidden, splits, monkeypatch):
+    """``o_proj=(qweight, sz, zeros, acc)``: besides the attention output (as without it), the kernel adds
+    ``out @ W_o`` into the float32 accumulator (every head's 128 rows of the packed int4 W_o, the columns
+    split over the cluster), against the float64 product of the fp16 output and the dequantized W_o."""
+    if not _cuda_kernel_runs():
+        pytest.skip("the CUDA decode attention needs compute capability >= 9 and NVRTC")
+    from lmkiln.kernels.reference import dequant_ref
+
+    hq = hk = hidden // 128
+    d = 128
+    case = _case([300, 1, 77], hq, hk, d, seed=group)
+    want, kw, vw, _ = _run(case, hq, hk, True, splits, True, monkeypatch)
+    p = make_packed(hq * d, hidden, group, seed=hidden, device=DEV)
+    k_cache, v_cache, tables, seq, slots, acc, cos, sin = (x.clone() for x in case)
+    q, k, v = acc.split([hq, hk, hk], dim=1)
+    o_acc = torch.zeros(3, hidden, device=DEV)
+    out = paged_decode(
+        q, k_cache, v_cache, tables, seq, d**-0.5, config=AttentionConfig(num_splits=splits),
+        new_kv=(k, v, slots, cos, sin), consume=True, o_proj=(p["qweight"], p["sz"], p["zeros"], o_acc),
+    )  # fmt: skip
+    torch.testing.assert_close(out, want, atol=0, rtol=0)  # the attention itself unchanged
+    torch.testing.assert_close(k_cache, kw, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, vw, atol=0, rtol=0, equal_nan=True)
+    assert not acc.any()
+    ref = out.reshape(3, -1).double() @ dequant_ref(p["qweight"], p["sz"], torch.float64)
+    assert float((o_acc.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_o_proj_fusion_is_refused_where_it_cannot_run(make_packed, monkeypatch) -> None:
+    """GQA heads, or more W_o columns than the cluster's warps cover: a clear error, nothing launched."""
+    if not _cuda_kernel_runs():
+        pytest.skip("the CUDA decode attention needs compute capability >= 9 and NVRTC")
+    from lmkiln.errors import KernelInputError
+
+    monkeypatch.setenv(attention_cuda.ENABLE_ENV, "1")
+    for hq, hk, hidden, splits in ((8, 2, 1024, 4), (2, 2, 8192, 8)):
+        case = _case([40], hq, hk, 128, seed=1)
+        k_cache, v_cache, tables, seq, slots, acc, cos, sin = case
+        q, k, v = acc.split([hq, hk, hk], dim=1)
+        p = make_packed(hq * 128, hidden, 128, device=DEV)
+        with pytest.raises(KernelInputError, match="o_proj cannot be fused"):
+            paged_decode(
+                q, k_cache, v_cache, tables, seq, 0.1, config=AttentionConfig(num_splits=splits),
+                new_kv=(k, v, slots, cos, sin), consume=True,
+                o_proj=(p["qweight"], p["sz"], p["zeros"], torch.zeros(1, hidden, device=DEV)),
+            )  # fmt: skip
