@@ -4,16 +4,12 @@
 kernel otherwise. Same contract and results as the Triton ``new_kv`` path (the cache bit for bit, the output
 up to float32 summation order; ``kernels/attention_ref.py`` is the oracle of both).
 
-With ``o_proj`` (one query head a KV head, head dim 128, an int4 ``o_proj`` of group size 32-128) the kernel
-also multiplies each head's output by its 128 rows of W_o and adds the result into the o_proj's float32
-accumulator, as the atomic split-K GEMV (``Int4Linear.matmul_acc``) would: the cluster's CTAs split W_o's
-columns and copy their codes into shared memory before the wait, so the o_proj GEMV launch is gone.
-
 Why a second kernel: at batch 1 the decode attention is a latency chain, not a bandwidth problem (~10 us a
 layer of a 7B decode step, ~0.3 ms of ~2 ms, for ~1.4 us of KV bytes). This one reads the block table, the
 first 64 cached keys and values of each split and the rotary's cos / sin before its programmatic-launch wait
-(they are older than the previous kernel), and merges the splits of a (sequence, KV head) through distributed
-shared memory in a thread-block cluster instead of global partials and a counter.
+(they are older than the previous kernel), and merges the splits of a (sequence, KV head) in a thread-block
+cluster (each split pushes its softmax state into the first CTA's shared memory, one cluster barrier) instead
+of global partials and a counter.
 """
 
 from __future__ import annotations
@@ -35,8 +31,6 @@ MAX_SPLITS = 8  # the splits of a (sequence, KV head) are one cluster: 8 CTAs is
 MAX_GROUP = 4  # query heads a KV head (registers: ~245 at 4 with head dim 128)
 HEAD_DIMS = (64, 128)
 THREADS = 128
-O_BLOCKS = 4  # W_o's 32-column blocks a warp (shared memory: 32 KiB a CTA)
-FUSE_O_ENV = "LMKILN_FUSE_O_PROJ"
 
 
 def enabled(device: torch.device) -> bool:
@@ -87,31 +81,6 @@ def usable(
     )
 
 
-def o_proj_fusable(o_proj: object, hq: int, hk: int, d: int, splits: int, device: torch.device) -> bool:
-    """Whether ``o_proj`` (a module) can ride in the decode kernel (``decode(..., o_proj=...)``): one query
-    head a KV head of 128 dims (a head = one 128-row chunk of W_o), an int4 ``Int4Linear`` without bias or K
-    padding, group size 32 / 64 / 128, its columns within the cluster's ``splits * 4 warps * 4`` blocks of 32,
-    the atomic split-K reduction allowed (``dispatch.atomic_splitk_config``: fp16, not
-    ``LMKILN_ATOMIC_SPLITK=0``), and ``LMKILN_FUSE_O_PROJ`` not 0 (an A/B switch, read at every call)."""
-    choice = os.environ.get(FUSE_O_ENV, "").strip()
-    if choice not in ("", "0", "1"):
-        raise KernelInputError(f"{FUSE_O_ENV}={choice!r}: use 0 (off), 1 (on where possible) or leave unset")
-    if choice == "0" or hq != hk or d != 128 or not hasattr(o_proj, "qweight"):
-        return False
-    from lmkiln.kernels.dispatch import atomic_splitk_config
-
-    n, k, g = o_proj.out_features, o_proj.packed_k, o_proj.group_size
-    return (
-        o_proj.bias is None
-        and k == o_proj.in_features == hq * d
-        and g in (32, 64, 128)
-        and n % 32 == 0
-        and n <= 32 * 4 * splits * O_BLOCKS
-        and o_proj.qweight.device == device
-        and atomic_splitk_config(1, n, k, g, torch.float16, device) is not None
-    )
-
-
 def decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -123,11 +92,9 @@ def decode(
     new_kv: tuple[torch.Tensor, ...],
     consume: bool,
     splits: int,
-    o_proj: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The launch (inputs validated by ``paged_decode`` and :func:`usable`): ``splits`` (1..8) CTAs a
-    (sequence, KV head), one cluster. ``o_proj = (qweight, sz, zeros, acc)`` (where :func:`o_proj_fusable`):
-    ``out @ W_o`` is added into the zeroed float32 ``acc [B, N]`` too."""
+    (sequence, KV head), one cluster."""
     k, v, slots, cos, sin = new_kv
     b, hq, d = q.shape
     hk, page = k_cache.shape[2], k_cache.shape[1]
@@ -135,29 +102,9 @@ def decode(
         raise KernelInputError(f"the CUDA decode attention takes 1 to {MAX_SPLITS} splits, got {splits}")
     if out.dtype != torch.float16:
         raise KernelInputError(f"the CUDA decode attention writes fp16, got out {out.dtype}")
-    og, o_args = 0, [q, q, q, q, 0, 0]  # no o_proj: never read
-    if o_proj is not None:
-        wq, wsz, wz, acc = o_proj
-        n, kw = wq.shape[0] * 32, wq.shape[1]
-        og = kw * 8 // wz.shape[0]
-        if (
-            hq != hk
-            or d != 128
-            or kw * 8 != hq * d
-            or og not in (32, 64, 128)
-            or n > 32 * 4 * splits * O_BLOCKS
-            or acc.dtype != torch.float32
-            or tuple(acc.shape) != (b, n)
-            or not acc.is_contiguous()
-        ):
-            raise KernelInputError(
-                f"o_proj cannot be fused here (heads {hq}/{hk}, head dim {d}, W_o {n}x{kw * 8} group {og}, "
-                f"{splits} splits, acc {acc.dtype} {tuple(acc.shape)}); check o_proj_fusable() first"
-            )
-        o_args = [wq, wsz, wz, acc, n, kw]
     name = (
         f"decode_attn<{d}, {hq // hk}, {splits}, {str(consume).lower()}, "
-        f"{str(slots.dtype == torch.int64).lower()}, {og}>"
+        f"{str(slots.dtype == torch.int64).lower()}>"
     )
     kern = cuda_jit.kernel(SOURCE, name, q.device, OPTIONS)
     kern(
@@ -191,7 +138,6 @@ def decode(
             hk,
             int(math.log2(page)),
             float(scale * math.log2(math.e)),
-            *o_args,
         ],
         pdl=pdl.enabled(q.device),
     )

@@ -586,7 +586,6 @@ def paged_decode(
     counters: torch.Tensor | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     consume: bool = False,
-    o_proj: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: ``q [B, Hq, D]`` (row ``b`` is sequence ``b``) over ``seq_lens[b]``
     cached tokens -> ``[B, Hq, D]`` in ``q.dtype`` (with ``consume``, in ``cos``'s).
@@ -607,11 +606,7 @@ def paged_decode(
     ``consume`` (with ``new_kv``): q, k and v are views of a float32 split-K accumulator
     (``Int4Linear.matmul_acc`` of the fused qkv projection): they are rounded to ``cos``'s dtype first, as
     the GEMM's own output would be, and zeroed for the GEMM's next launch by the last program of each
-    (sequence, KV head) to read them.
-
-    ``o_proj = (qweight, sz, zeros, acc)`` (with ``new_kv``, where the CUDA kernel runs and
-    :func:`attention_cuda.o_proj_fusable` holds): the output times the packed int4 W_o is also added into the
-    zeroed float32 ``acc [B, N]`` (the o_proj's split-K accumulator, for a consumer that zeroes it again)."""
+    (sequence, KV head) to read them."""
     cfg = config or AttentionConfig()
     _, hk, d, g = _check(q, k_cache, v_cache, block_tables, seq_lens, k_sz, v_sz, bits)
     if q.shape[0] != block_tables.shape[0]:
@@ -640,14 +635,8 @@ def paged_decode(
         _check_new_kv(new_kv, q, k_cache, bits, sink, consume)
         if attention_cuda.usable(q, k_cache, v_cache, new_kv, consume):
             splits = min(splits, attention_cuda.MAX_SPLITS)
-            return attention_cuda.decode(
-                q, k_cache, v_cache, block_tables, seq_lens, scale, out, new_kv, consume, splits, o_proj
-            )
-    if o_proj is not None:
-        raise KernelInputError(
-            "o_proj rides only in the CUDA decode kernel with new_kv; check "
-            "attention_cuda.usable() and o_proj_fusable() first"
-        )
+            return attention_cuda.decode(q, k_cache, v_cache, block_tables, seq_lens, scale, out, new_kv,
+                                         consume, splits)
     _launch(
         q,
         k_cache,

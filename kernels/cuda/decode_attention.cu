@@ -14,10 +14,8 @@
 // barrier), not through global memory and a counter.
 
 #include "common.cuh"
-#include "w4a16_tc.cuh"
 
 constexpr int WARPS = 4, THREADS = 32 * WARPS, STAGE = 64, PIECE = 16;
-constexpr int O_BLOCKS = 4;  // fused o_proj: 32-column blocks of W_o a warp, at most
 #define NEG_INF (-__int_as_float(0x7f800000))
 
 DEV float round_f16(float f) { return f16_to_f32(f32_to_f16(f)); }
@@ -73,16 +71,6 @@ DEV uint4 pack8(const float o[8]) {
   return make_uint4(pack2(o[0], o[1]), pack2(o[2], o[3]), pack2(o[4], o[5]), pack2(o[6], o[7]));
 }
 
-DEV u32 smem_u32(const void* p) {
-  u32 a;
-  asm("{ .reg .u64 x; cvta.to.shared.u64 x, %1; cvt.u32.u64 %0, x; }" : "=r"(a) : "l"(p));
-  return a;
-}
-
-DEV void cp_async16(void* smem, const void* gmem) {  // 16 bytes global -> shared, not waited for here
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_u32(smem)), "l"(gmem) : "memory");
-}
-
 DEV void st_cluster(float* p, u32 rank, float v) {  // `p` (shared memory) in CTA `rank` of the cluster
   u32 local, remote;
   asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(local) : "l"(p));
@@ -91,32 +79,20 @@ DEV void st_cluster(float* p, u32 rank, float v) {  // `p` (shared memory) in CT
 }
 
 // D head dim (64 or 128), G query heads a KV head (1..4), S splits = cluster size (1..8), CONSUME q/k/v
-// float32 accumulators, SLOT64 int64 slot mapping. OG > 0 (G = 1, D = 128): the o_proj is fused, W_o an int4
-// weight of group size OG in the packed layout whose chunk hq (128 rows) multiplies this head's output: the
-// cluster's CTAs split its columns (warp w of CTA s: blocks (s * WARPS + w) + i * S * WARPS), their codes
-// copied into shared memory before the PDL wait, and add x_h @ W_o[chunk hq] into o_acc (float32 [No], as
-// the atomic split-K GEMV does; its consumer zeroes it again).
-template <int D, int G, int S, bool CONSUME, bool SLOT64, int OG>
+// float32 accumulators, SLOT64 int64 slot mapping.
+template <int D, int G, int S, bool CONSUME, bool SLOT64>
 __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(THREADS) decode_attn(
     const typename ActT<CONSUME>::T* __restrict__ q, const typename ActT<CONSUME>::T* __restrict__ kn,
     const typename ActT<CONSUME>::T* __restrict__ vn, int sq_t, int sq_h, int sk_t, int sk_h, int sv_t,
     int sv_h, const u16* __restrict__ cos, const u16* __restrict__ sin, int sc_t, int ss_t,
     u16* __restrict__ k_cache, u16* __restrict__ v_cache, const void* __restrict__ slots, int num_slots,
     const int* __restrict__ tables, int stride_bt, int max_blocks, const int* __restrict__ lens,
-    u16* __restrict__ out, int so_t, int so_h, int Hk, int page_shift, float qk_scale,
-    const uint4* __restrict__ wo, const uint4* __restrict__ wo_sz, const u32* __restrict__ wo_z,
-    float* __restrict__ o_acc, int No, int KWo) {
+    u16* __restrict__ out, int so_t, int so_h, int Hk, int page_shift, float qk_scale) {
   typedef typename ActT<CONSUME>::T AT;
   constexpr int LPK = D / 8, KPW = 32 / LPK, KPR = WARPS * KPW, R = STAGE / KPR;
-  constexpr bool FUSE_O = OG > 0;
-  static_assert(!FUSE_O || (G == 1 && D == 128), "the fused o_proj takes one 128-dim head a KV head");
-  constexpr int ONG = FUSE_O ? 128 / OG : 1, OB = FUSE_O ? O_BLOCKS : 1;
   __shared__ float wm[WARPS][G], wl[WARPS][G];
   __shared__ float wacc[WARPS][G][D];
-  // every split's state, pushed into rank 0 (or, with FUSE_O, into every CTA: each needs the head's output)
-  __shared__ float pm[S][G], pl[S][G], pacc[S][G][D];
-  __shared__ __align__(16) u16 xs[FUSE_O ? D : 8];         // the head's output, fp16: W_o's activations
-  __shared__ __align__(16) uint4 wos[OB][4][FUSE_O ? THREADS : 1];  // W_o codes: [block][word-row][thread]
+  __shared__ float pm[S][G], pl[S][G], pacc[S][G][D];  // rank 0's: every split's state, pushed there
 
   pdl_trigger();
   const int split = blockIdx.x, b = blockIdx.y / Hk, hk = blockIdx.y % Hk;
@@ -146,23 +122,6 @@ __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(THREADS) decode_attn
     }
   };
   load_stage(kv_lo);
-  GroupRaw wog[OB][ONG];  // W_o's zero points and scales of the thread's blocks
-  const int orow = FUSE_O ? lane & 3 : 0, ocq = FUSE_O ? lane >> 2 : 0;  // word-row quad, column quad
-  if constexpr (FUSE_O) {
-    const int hq = hk;  // G = 1
-#pragma unroll
-    for (int i = 0; i < OB; i++) {
-      const int blk = split * WARPS + warp + i * S * WARPS;
-      if (blk * 32 < No) {
-        const uint4* wp = wo + (size_t)blk * KWo * 8 + (size_t)(16 * hq + 4 * orow) * 8 + ocq;
-#pragma unroll
-        for (int j = 0; j < 4; j++) cp_async16(&wos[i][j][tid], wp + j * 8);
-#pragma unroll
-        for (int gi = 0; gi < ONG; gi++) wog[i][gi] = load_group(wo_sz, wo_z, hq * ONG + gi, No, blk * 32 + 4 * ocq);
-      }
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
-  }
   float cs[8], sn[8];  // the rotary's cos / sin of this thread's dims
 #pragma unroll
   for (int j = 0; j < 8; j++) {
@@ -305,18 +264,14 @@ __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(THREADS) decode_attn
       a += wt * wacc[w][h][d];
       tot += wt * wl[w][h];
     }
-#pragma unroll
-    for (int to = 0; to < (FUSE_O ? S : 1); to++) {
-      st_cluster(&pacc[split][h][d], to, a);
-      if (d == 0) {
-        st_cluster(&pm[split][h], to, mx);
-        st_cluster(&pl[split][h], to, tot);
-      }
+    st_cluster(&pacc[split][h][d], 0, a);
+    if (d == 0) {
+      st_cluster(&pm[split][h], 0, mx);
+      st_cluster(&pl[split][h], 0, tot);
     }
   }
   cluster_sync();  // the pushes have landed; every split has read q, k and v
-  const bool rank0 = cluster_rank() == 0;
-  if (!FUSE_O && !rank0) return;
+  if (cluster_rank() != 0) return;
   for (int i = tid; i < G * D; i += THREADS) {
     const int h = i / D, d = i % D;
     float mx = NEG_INF;
@@ -330,36 +285,9 @@ __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(THREADS) decode_attn
       a += wt * pacc[sp][h][d];
       tot += wt * pl[sp][h];
     }
-    const u16 o = f32_to_f16(tot > 0.f ? a / tot : 0.f);
-    if (rank0) out[(size_t)b * so_t + (size_t)(hk * G + h) * so_h + d] = o;
-    if (FUSE_O) xs[d] = o;
+    out[(size_t)b * so_t + (size_t)(hk * G + h) * so_h + d] = f32_to_f16(tot > 0.f ? a / tot : 0.f);
   }
-  if constexpr (FUSE_O) {  // this CTA's columns of x_h @ W_o[chunk hq], added into o_acc
-    asm volatile("cp.async.wait_all;" ::: "memory");  // a thread reads back only its own copies
-    __syncthreads();                                   // xs
-    uint4 xt[4];
-    const uint4* xp = reinterpret_cast<const uint4*>(xs) + orow;
-#pragma unroll
-    for (int t = 0; t < 4; t++) xt[t] = xp[4 * t];
-#pragma unroll
-    for (int i = 0; i < OB; i++) {
-      const int blk = split * WARPS + warp + i * S * WARPS;
-      if (blk * 32 < No) {
-        uint4 w[4];
-#pragma unroll
-        for (int j = 0; j < 4; j++) w[j] = wos[i][j][tid];
-        float acc4[4] = {0.f, 0.f, 0.f, 0.f};
-        chunk_tc<FUSE_O ? OG : 128>(w, wog[i], xt, acc4);
-        if ((lane & 3) == 0) {
-          float* p = o_acc + (size_t)b * No + blk * 32 + 4 * ocq;
-          asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(acc4[0]),
-                       "f"(acc4[1]), "f"(acc4[2]), "f"(acc4[3])
-                       : "memory");
-        }
-      }
-    }
-  }
-  if (CONSUME && rank0) {  // zero the accumulator's q, k and v for the GEMM's next launch
+  if (CONSUME) {  // zero the accumulator's q, k and v for the GEMM's next launch
     float* zq = const_cast<float*>(reinterpret_cast<const float*>(qrow));
     float* zk = const_cast<float*>(reinterpret_cast<const float*>(krow));
     float* zv = const_cast<float*>(reinterpret_cast<const float*>(vrow));

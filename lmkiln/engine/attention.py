@@ -79,23 +79,18 @@ class _Backend:
         scale: float,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         pending: bool = False,
-        o_proj: torch.nn.Module | None = None,
     ) -> torch.Tensor:
         """Attention output ``[T, Hq, D]``. ``pending``: q, k, v are views of a float32 split-K accumulator
-        (only where :meth:`takes_pending_qkv` said so), which the decode kernel rounds, reads and zeroes.
-        ``o_proj`` (only where :meth:`fuses_o_proj` said so): the kernel applies it too and the result is
-        ``o_proj``'s pending float32 accumulator ``[T, hidden]`` (``Int4Linear.matmul_acc``'s contract)."""
+        (only where :meth:`takes_pending_qkv` said so), which the decode kernel rounds, reads and zeroes."""
         rot = cache.rotation
         fused_rope = {}
         if pending and (rope is None or not self.takes_pending_qkv(cache, meta, q.shape[0])):
             raise RuntimeError("a pending qkv accumulator reached a path that cannot consume it (engine bug)")
-        if o_proj is not None and not (pending and self.fuses_o_proj(q, k, v, cache, meta, rope, o_proj)):
-            raise RuntimeError("o_proj reached an attention path that cannot apply it (engine bug)")
         if rope is not None:
             if self.fuses_rope and rot is None:
                 if self._writes_new_kv(q.shape[0], cache, meta):  # one launch: rotary, KV write, attention
                     new_kv = (k, v, meta.slot_mapping, *rope)
-                    return self._attend(q, cache, meta, scale, new_kv=new_kv, consume=pending, o_proj=o_proj)
+                    return self._attend(q, cache, meta, scale, new_kv=new_kv, consume=pending)
                 fused_rope = {"rope": (q, *rope)}
             else:
                 from lmkiln.kernels.fused import rotary_
@@ -130,7 +125,6 @@ class _Backend:
         scale: float,
         new_kv: tuple[torch.Tensor, ...] | None = None,
         consume: bool = False,
-        o_proj: torch.nn.Module | None = None,
     ) -> torch.Tensor:
         raise NotImplementedError
 
@@ -143,20 +137,6 @@ class _Backend:
         (``Int4Linear.matmul_acc``), asked by the model before its qkv GEMM: exactly where :meth:`forward`
         (given ``rope``) takes the ``new_kv`` path, whose decode kernel rounds, reads and zeroes it."""
         return self.fuses_rope and cache.rotation is None and self._writes_new_kv(num_tokens, cache, meta)
-
-    def fuses_o_proj(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cache: LayerKVCache,
-        meta: AttentionMetadata,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        o_proj: torch.nn.Module,
-    ) -> bool:
-        """Whether :meth:`forward` with these pending ``q, k, v`` (views of the qkv accumulator) and ``rope``
-        can apply ``o_proj`` inside the decode kernel, asked by the model after its qkv GEMM."""
-        return False
 
 
 class TorchAttentionBackend(_Backend):
@@ -178,7 +158,6 @@ class TorchAttentionBackend(_Backend):
         scale: float,
         new_kv: tuple[torch.Tensor, ...] | None = None,
         consume: bool = False,
-        o_proj: torch.nn.Module | None = None,
     ) -> torch.Tensor:
         return self._ref(
             q,
@@ -238,31 +217,6 @@ class TritonAttentionBackend(_Backend):
     def _is_decode(num_tokens: int, meta: AttentionMetadata) -> bool:
         return meta.is_decode_only and num_tokens == meta.num_seqs
 
-    def fuses_o_proj(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cache: LayerKVCache,
-        meta: AttentionMetadata,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        o_proj: torch.nn.Module,
-    ) -> bool:
-        """The CUDA decode kernel's case (``kernels.attention_cuda``): the pending qkv of a batch-1 step over
-        an fp16 cache, one query head a KV head of 128 dims, an int4 ``o_proj`` it can read (H100, 7B int4:
-        notes/engine.md, session 15)."""
-        from lmkiln.kernels import attention_cuda, paged_attention
-
-        if rope is None or not self.takes_pending_qkv(cache, meta, q.shape[0]):
-            return False
-        if not attention_cuda.usable(q, cache.k, cache.v, (k, v, meta.slot_mapping, *rope), True):
-            return False
-        hq, d, hk = q.shape[1], q.shape[2], cache.k.shape[2]
-        max_tokens = meta.block_tables.shape[1] * cache.k.shape[1]
-        splits = paged_attention.decode_splits(q.shape[0], hk, max_tokens, q.device)
-        splits = max(1, min(splits, paged_attention.MAX_SPLITS, attention_cuda.MAX_SPLITS))
-        return attention_cuda.o_proj_fusable(o_proj, hq, hk, d, splits, q.device)
-
     def _attend(
         self,
         q: torch.Tensor,
@@ -271,15 +225,10 @@ class TritonAttentionBackend(_Backend):
         scale: float,
         new_kv: tuple[torch.Tensor, ...] | None = None,
         consume: bool = False,
-        o_proj: torch.nn.Module | None = None,
     ) -> torch.Tensor:
         sink, sink_idx = _sinks(cache, meta)
-        acc, o_args = None, None
-        if o_proj is not None:  # fuses_o_proj held (forward checked): its accumulator takes out @ W_o
-            acc = o_proj.pending_acc(q.shape[0], q.device)
-            o_args = (o_proj.qweight, o_proj.sz, o_proj.zeros, acc)
         if self._is_decode(q.shape[0], meta):
-            out = self._decode(
+            return self._decode(
                 q,
                 cache.k,
                 cache.v,
@@ -294,9 +243,7 @@ class TritonAttentionBackend(_Backend):
                 counters=self._split_counters(q, cache),
                 new_kv=new_kv,  # type: ignore[arg-type]
                 consume=consume,
-                o_proj=o_args,
             )
-            return out if acc is None else acc
         return self._prefill(
             q,
             cache.k,

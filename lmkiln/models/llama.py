@@ -153,11 +153,7 @@ class Attention(nn.Module):
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if fused:  # the backend rotates the (strided) q/k views in place; its kernels take a strided v
-            rope = (cos, sin)
-            if pending and backend.fuses_o_proj(q, k, v, cache, meta, rope, self.o_proj):  # one launch
-                acc = backend.forward(q, k, v, cache, meta, self.head_dim**-0.5, rope, True, self.o_proj)
-                return acc.view(t, -1), True
-            out = backend.forward(q, k, v, cache, meta, self.head_dim**-0.5, rope=rope, pending=pending)
+            out = backend.forward(q, k, v, cache, meta, self.head_dim**-0.5, rope=(cos, sin), pending=pending)
             return project(self.o_proj, out.reshape(t, -1), fused)
         v = v.contiguous()  # a strided slice when fused
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)

@@ -154,39 +154,3 @@ def test_atomic_split_k_decode_on_the_tiny_int4_llama(tiny_packed, monkeypatch) 
     assert all(not lin.acc.any() for lin in linears)
     agree = sum(x == y for g, w in zip(got, want, strict=True) for x, y in zip(g, w, strict=True))
     assert agree >= 0.9 * 24 * len(prompts)
-
-
-def test_o_proj_fused_into_the_batch1_decode_attention(make_tiny_model, tmp_path, monkeypatch) -> None:
-    """A tiny int4 Llama with 128-dim heads and no GQA (the 7B's head shape): at batch 1 the CUDA decode
-    attention kernel also applies o_proj (``LMKILN_FUSE_O_PROJ``), adding into o_proj's accumulator that the
-    post-attention RMSNorm consumes; greedy tokens agree with the separate o_proj GEMV (atomics: a near tie
-    may flip), and the accumulators are zero between steps."""
-    from lmkiln.kernels import attention_cuda
-
-    if not attention_cuda.enabled(torch.device("cuda", torch.cuda.current_device())):
-        pytest.skip("the CUDA decode attention needs compute capability >= 9 and NVRTC")
-    model = make_tiny_model(tmp_path / "tiny-h128", hidden_size=256, num_attention_heads=2,
-                            num_key_value_heads=2, intermediate_size=512)
-    packed = _rtn_packed(model, tmp_path)
-    prompts = [list(range(2, 90)), [5, 6, 7]]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    kw = dict(device="cuda", dtype="float16", max_num_seqs=2, session_len=256, cache_max_entry_count=32)
-    calls = []
-    decode = attention_cuda.decode
-
-    def spy(*a, **k):
-        calls.append((len(a) > 10 and a[10] is not None) or k.get("o_proj") is not None)
-        return decode(*a, **k)
-
-    monkeypatch.setattr(attention_cuda, "decode", spy)
-    runs = {}
-    for fuse in ("0", "1"):
-        monkeypatch.setenv(attention_cuda.FUSE_O_ENV, fuse)
-        calls.clear()
-        eng = LLMEngine(EngineConfig(packed, **kw))
-        runs[fuse] = [eng.generate([p], params)[0].token_ids for p in prompts]
-        assert any(calls) == (fuse == "1"), calls
-        o_projs = [layer.self_attn.o_proj for layer in eng.runner.model.model.layers]
-        assert all(o.acc is not None and not o.acc.any() for o in o_projs)
-    agree = sum(x == y for g, w in zip(runs["1"], runs["0"], strict=True) for x, y in zip(g, w, strict=True))
-    assert agree >= 0.9 * 24 * len(prompts)

@@ -23,34 +23,25 @@ def test_switch_validation_and_cpu(monkeypatch):
     cos = torch.zeros(1, 64, dtype=torch.float16)
     new_kv = (k, k, torch.zeros(1, dtype=torch.long), cos, cos)
     assert not attention_cuda.usable(q, cache, cache, new_kv, False)  # the CPU: the Triton / torch paths
-    with pytest.raises(KernelInputError, match="LMKILN_FUSE_O_PROJ"):
-        monkeypatch.setenv(attention_cuda.FUSE_O_ENV, "yes")
-        attention_cuda.o_proj_fusable(None, 4, 4, 128, 8, cpu)
-    monkeypatch.setenv(attention_cuda.FUSE_O_ENV, "1")
-    assert not attention_cuda.o_proj_fusable(torch.nn.Linear(4, 4), 4, 4, 128, 8, cpu)  # not an int4 linear
-    assert not attention_cuda.o_proj_fusable(None, 8, 2, 128, 8, cpu)  # GQA
     with pytest.raises(KernelInputError, match="1 to 8 splits"):
         attention_cuda.decode(q, cache, cache, None, None, 1.0, q, new_kv, False, 16)
 
 
 def test_kernel_source_compiles_where_nvrtc_loads():
     """The instances the engine's models take build (NVRTC needs no GPU; skipped where PyTorch has no CUDA
-    build, as on CI): head dims 64 / 128, GQA groups 1-4, 1-8 splits, consumed or fp16 q/k/v, o_proj fused."""
+    build, as on CI): head dims 64 / 128, GQA groups 1-4, 1-8 splits, consumed or fp16 q/k/v."""
     from lmkiln.kernels import attention_cuda, cuda_jit
 
     if not cuda_jit.available():
         pytest.skip("no NVRTC here (a CPU build of PyTorch)")
     src = cuda_jit.read_source(attention_cuda.SOURCE)
-    for d, g, s, consume, slot64, og in (
-        (128, 1, 8, "true", "false", 0),
-        (64, 3, 8, "false", "true", 0),
-        (128, 4, 1, "true", "true", 0),
-        (64, 2, 3, "false", "false", 0),
-        (128, 1, 8, "true", "false", 128),  # o_proj fused, W_o of group size 128 / 64 / 32
-        (128, 1, 4, "true", "true", 64),
-        (128, 1, 1, "false", "false", 32),
+    for d, g, s, consume, slot64 in (
+        (128, 1, 8, "true", "false"),
+        (64, 3, 8, "false", "true"),
+        (128, 4, 1, "true", "true"),
+        (64, 2, 3, "false", "false"),
     ):
         cubin, name = cuda_jit.compile_cubin(
-            src, f"decode_attn<{d}, {g}, {s}, {consume}, {slot64}, {og}>", "sm_90", attention_cuda.OPTIONS
+            src, f"decode_attn<{d}, {g}, {s}, {consume}, {slot64}>", "sm_90", attention_cuda.OPTIONS
         )
         assert cubin[:4] == b"\x7fELF" and name.startswith("_Z11decode_attn")
