@@ -104,11 +104,14 @@ def _rmsnorm_kernel(
     PDL: tl.constexpr,
     CONSUME: tl.constexpr = False,
 ):
-    pdl.enter(PDL)
     DT: tl.constexpr = y_ptr.dtype.element_ty  # x's dtype, or the residual's where CONSUME
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < N
+    pdl.trigger(PDL)
+    # the weight (no kernel writes it) before the wait: its load left the critical path after the row's sum
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    pdl.wait(PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if CONSUME:  # x: a float32 split-K accumulator, rounded as the GEMM's output would be (zeroed below)
         x = x.to(DT)
@@ -124,7 +127,6 @@ def _rmsnorm_kernel(
     # rsqrtf as torch's CUDA rsqrt; the interpreter (no libdevice) does 1 / sqrt, as torch's CPU rsqrt
     inv = tl.math.rsqrt(ms + eps) if INTERP else libdevice.rsqrt(ms + eps)
     xn = (xf * inv).to(DT)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     y = w.to(tl.float32) * xn.to(tl.float32)
     tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
