@@ -225,7 +225,6 @@ def w4a16_matmul(
     scratch: torch.Tensor | None = None,
     config=None,
     silu: bool = False,
-    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ W`` for activations ``[..., K]`` (fp16/bf16, contiguous) and a packed weight -> ``[..., N]``.
 
@@ -235,8 +234,7 @@ def w4a16_matmul(
     zeroed int32 split-K counters (see ``make_scratch``); allocated per call if None. ``silu``: ``W`` is a
     gate/up weight reordered by ``lmkiln.quant.pack.gate_up_interleave`` and the result is
     ``silu(gate) * up [..., N / 2]``, applied by the ``fma`` and ``cuda`` kernels as they write their tiles
-    (other kernels: one SiLU·mul launch after the GEMM). ``scales``: the scales alone
-    (``w4a16_cuda.scales_of(sz)``), which the ``cuda`` kernel reads instead of ``sz`` where given.
+    (other kernels: one SiLU·mul launch after the GEMM).
     """
     if x.dtype not in DTYPE_NAMES:
         raise QuantConfigError(f"W4A16 activations must be float16 or bfloat16, got {x.dtype}")
@@ -274,14 +272,13 @@ def w4a16_matmul(
             cfg = dataclasses.replace(
                 cfg, num_warps=2 * cfg.num_warps, block_n=64 * cfg.num_warps, ksplit=max(1, cfg.ksplit // 2)
             )
-        y = w4a16.LAUNCHERS["cuda"](x2, qweight, sz, zeros, cfg, scratch, silu=True, scales=scales)
+        y = w4a16.LAUNCHERS["cuda"](x2, qweight, sz, zeros, cfg, scratch, silu=True)
         return y.reshape(*lead, n // 2)
     if silu and cfg.kind == "fma":
         if cfg.block_n % (2 * GATE_UP_BLOCK):  # a tile must hold a gate block and its up block
             cfg = dataclasses.replace(cfg, block_n=2 * GATE_UP_BLOCK, sub=0)
         return w4a16.fma(x2, qweight, sz, zeros, cfg, scratch, silu=True).reshape(*lead, n // 2)
-    kw = {"scales": scales} if cfg.kind == "cuda" else {}
-    y = w4a16.LAUNCHERS[cfg.kind](x2, qweight, sz, zeros, cfg, scratch, **kw)
+    y = w4a16.LAUNCHERS[cfg.kind](x2, qweight, sz, zeros, cfg, scratch)
     return (gate_up_silu(y) if silu else y).reshape(*lead, n // 2 if silu else n)
 
 
@@ -300,39 +297,24 @@ def gate_up_silu(y: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("lmkiln::w4a16_mm", mutates_args=())
 def w4a16_mm(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    sz: torch.Tensor,
-    zeros: torch.Tensor,
-    scratch: torch.Tensor,
-    scales: torch.Tensor | None = None,
+    x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, zeros: torch.Tensor, scratch: torch.Tensor
 ) -> torch.Tensor:
     """Registered op: ``x [..., K] @ W -> [..., N]``. ``scratch`` holds split-K counters that every launch
-    leaves zeroed again, so the op has no visible side effect. ``scales``: see :func:`w4a16_matmul`."""
-    return w4a16_matmul(x, qweight, sz, zeros, scratch if scratch.numel() else None, scales=scales)
+    leaves zeroed again, so the op has no visible side effect."""
+    return w4a16_matmul(x, qweight, sz, zeros, scratch if scratch.numel() else None)
 
 
 @torch.library.custom_op("lmkiln::w4a16_silu_mm", mutates_args=())
 def w4a16_silu_mm(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    sz: torch.Tensor,
-    zeros: torch.Tensor,
-    scratch: torch.Tensor,
-    scales: torch.Tensor | None = None,
+    x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, zeros: torch.Tensor, scratch: torch.Tensor
 ) -> torch.Tensor:
     """Registered op: ``silu(gate) * up [..., N / 2]`` of ``x @ W`` for a ``gate_up_interleave``-d ``W``."""
-    return w4a16_matmul(x, qweight, sz, zeros, scratch if scratch.numel() else None, silu=True, scales=scales)
+    return w4a16_matmul(x, qweight, sz, zeros, scratch if scratch.numel() else None, silu=True)
 
 
 @w4a16_silu_mm.register_fake
 def _w4a16_silu_mm_fake(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    sz: torch.Tensor,
-    zeros: torch.Tensor,
-    scratch: torch.Tensor,
-    scales: torch.Tensor | None = None,
+    x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, zeros: torch.Tensor, scratch: torch.Tensor
 ) -> torch.Tensor:
     y = _w4a16_mm_fake(x, qweight, sz, zeros, scratch)
     return y.new_empty((*y.shape[:-1], y.shape[-1] // 2))
@@ -340,12 +322,7 @@ def _w4a16_silu_mm_fake(
 
 @w4a16_mm.register_fake
 def _w4a16_mm_fake(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    sz: torch.Tensor,
-    zeros: torch.Tensor,
-    scratch: torch.Tensor,
-    scales: torch.Tensor | None = None,
+    x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, zeros: torch.Tensor, scratch: torch.Tensor
 ) -> torch.Tensor:
     if qweight.dim() != 3 or x.shape[-1] != qweight.shape[1] * 8:
         raise QuantConfigError(

@@ -8,9 +8,7 @@ packed layout (docs/layout.md). Split-K partials meet as the Triton ``fma`` kern
 ``reduce="atomic"`` adds them into a zeroed float32 ``out`` the caller owns and must zero again;
 ``"ordered"`` sums them in split order through a float32 workspace (deterministic) and writes fp16, or with
 ``silu=True`` ``silu(gate) * up`` of an interleaved gate/up weight (``lmkiln.quant.pack.gate_up_interleave``).
-With ``scales`` (:func:`scales_of`: the scales alone, fp16 ``[K/G, N]``) the kernel reads them instead of
-the ``(s, m)`` pairs of ``sz``, whose ``m`` it never uses. The pure-torch reference is
-``reference.w4a16_matmul_ref``.
+The pure-torch reference is ``reference.w4a16_matmul_ref``.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ from lmkiln.quant.pack import GATE_UP_BLOCK, PACK_K
 
 SOURCE = "w4a16_gemv.cu"
 ENABLE_ENV = "LMKILN_CUDA_GEMV"
-SCALES_ENV = "LMKILN_CUDA_GEMV_SCALES"
 REDUCE = {"atomic": 0, "ordered": 1, "silu": 2}
 # no FMA contraction: the SiLU epilogue rounds as kernels/fused.py's silu_mul (Triton, fp fusion off) does
 OPTIONS = ("--fmad=false",)
@@ -82,7 +79,6 @@ def gemv(
     silu: bool = False,
     scratch: torch.Tensor | None = None,
     options: CudaGemvOptions | None = None,
-    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     opts = options or CudaGemvOptions()
     if x.device.type != "cuda" or x.dtype != torch.float16:
@@ -99,16 +95,6 @@ def gemv(
     for name, t in (("qweight", qweight), ("sz", sz), ("zeros", zeros)):
         if t.device != x.device:
             raise QuantConfigError(f"{name} is on {t.device}, the activations on {x.device}")
-    if scales is not None and (
-        scales.dtype != torch.float16
-        or tuple(scales.shape) != tuple(sz.shape[:2])
-        or not scales.is_contiguous()
-        or scales.device != x.device
-    ):
-        raise QuantConfigError(
-            f"scales must be sz[..., 0] as a contiguous float16 {list(sz.shape[:2])} on {x.device} "
-            f"(scales_of(sz)), got {scales.dtype} {list(scales.shape)} on {scales.device}"
-        )
     mode = "silu" if silu else reduce
     if mode not in REDUCE or (silu and reduce != "ordered"):
         raise QuantConfigError(
@@ -150,32 +136,16 @@ def gemv(
     name = (
         f"w4a16_gemv<{group}, {opts.unroll}, {opts.flush}, {REDUCE[mode]}, "
         f"{str(opts.preload).lower()}, {str(opts.pipe).lower()}, {opts.warps}, {str(opts.tc).lower()}, "
-        f"{opts.ksplit}, {str(scales is not None).lower()}>"
+        f"{opts.ksplit}>"
     )
     kern = cuda_jit.kernel(SOURCE, name, dev, OPTIONS + tuple(f"-D{d}" for d in opts.defines))
     kern(
         (tiles, splits),
         (tile_n * opts.ksplit,),
-        [x, qweight, sz if scales is None else scales, zeros, *buffers, n, k // 8, n_chunks, per],
+        [x, qweight, sz, zeros, *buffers, n, k // 8, n_chunks, per],
         pdl=pdl.enabled(dev),
     )
     return y
-
-
-def scales_wanted(device: torch.device) -> bool:
-    """Whether ``Int4Linear`` keeps a :func:`scales_of` copy on ``device``: where this kernel may run
-    (:func:`enabled`) and ``LMKILN_CUDA_GEMV_SCALES`` is not 0 (an A/B switch, read when the weights load)."""
-    choice = os.environ.get(SCALES_ENV, "").strip()
-    if choice not in ("", "0", "1"):
-        raise QuantConfigError(f"{SCALES_ENV}={choice!r}: use 0 (off), 1 (on where supported) or leave unset")
-    return choice != "0" and enabled(device)
-
-
-def scales_of(sz: torch.Tensor) -> torch.Tensor:
-    """The scales alone (``sz[..., 0]``, fp16 ``[K / G, N]``, contiguous) for :func:`gemv`'s ``scales``: the
-    kernel reads 2 of the (s, m) pair's 4 bytes, so a copy of the scales takes 2.9 % off a g128 GEMV's bytes
-    (3 % more weight memory: ``Int4Linear`` keeps one where this kernel may run)."""
-    return sz[..., 0].contiguous()
 
 
 def enabled(device: torch.device) -> bool:
@@ -217,8 +187,7 @@ def launch(
     out: torch.Tensor | None = None,
     silu: bool = False,
     reduce: str = "ordered",
-    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``w4a16.LAUNCHERS["cuda"]``: :func:`gemv` with a ``KernelConfig`` (the ``fma`` launcher's signature,
-    plus the optional :func:`scales_of` copy)."""
-    return gemv(x, qweight, sz, zeros, cfg.split_k, out, reduce, silu, scratch, options_of(cfg), scales)
+    """``w4a16.LAUNCHERS["cuda"]``: :func:`gemv` with a ``KernelConfig`` (the ``fma`` launcher's
+    signature)."""
+    return gemv(x, qweight, sz, zeros, cfg.split_k, out, reduce, silu, scratch, options_of(cfg))

@@ -76,28 +76,15 @@ DEV float h2_sum(u32 a) {  // float(lo) + float(hi)
   return r;
 }
 
-DEV uint2 ld_nc64(const uint2* p) {
-  uint2 v;
-  asm("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
-  return v;
-}
-
-// One group's zero points (4 bytes) and scales for the thread's 4 columns: the low half of sm's word i is
-// column i's scale. SONLY: sz is an fp16 [K / G, N] copy of the scales alone (8 bytes loaded, spread here),
-// else the packed (s, m) pairs [K / G, N, 2] (16 bytes; m unused).
+// One group's zero points (4 bytes) and (s, m) pairs (16 bytes) for the thread's 4 columns, as loaded.
 struct GroupRaw {
   u32 z4;
   uint4 sm;
 };
 
-template <bool SONLY>
-DEV GroupRaw load_group(const void* __restrict__ sz, const u32* __restrict__ zp, int g, int N, int n0) {
+DEV GroupRaw load_group(const uint4* __restrict__ sz, const u32* __restrict__ zp, int g, int N, int n0) {
   const size_t at = ((size_t)g * N + n0) >> 2;
-  if (SONLY) {
-    const uint2 s = ld_nc64(static_cast<const uint2*>(sz) + at);
-    return GroupRaw{ld_nc32(zp + at), make_uint4(s.x, s.x >> 16, s.y, s.y >> 16)};
-  }
-  return GroupRaw{ld_nc32(zp + at), ld_nc(static_cast<const uint4*>(sz) + at)};
+  return GroupRaw{ld_nc32(zp + at), ld_nc(sz + at)};
 }
 
 DEV u32 pick(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
@@ -115,8 +102,8 @@ struct Stage {
   GroupRaw q[UNROLL][128 / GROUP];   // per chunk, per group
 };
 
-template <int GROUP, int UNROLL, bool SONLY>
-DEV void load_stage(Stage<GROUP, UNROLL>& st, const uint4* __restrict__ wp, const void* __restrict__ sz,
+template <int GROUP, int UNROLL>
+DEV void load_stage(Stage<GROUP, UNROLL>& st, const uint4* __restrict__ wp, const uint4* __restrict__ sz,
                     const u32* __restrict__ zp, int c, int c_last, int N, int n0) {
 #pragma unroll
   for (int u = 0; u < UNROLL; u++) {
@@ -124,9 +111,7 @@ DEV void load_stage(Stage<GROUP, UNROLL>& st, const uint4* __restrict__ wp, cons
 #pragma unroll
     for (int j = 0; j < 4; j++) st.w[u][j] = ld_stream(wp + (size_t)(16 * cc + j) * 8);
 #pragma unroll
-    for (int gi = 0; gi < 128 / GROUP; gi++) {
-      st.q[u][gi] = load_group<SONLY>(sz, zp, cc * (128 / GROUP) + gi, N, n0);
-    }
+    for (int gi = 0; gi < 128 / GROUP; gi++) st.q[u][gi] = load_group(sz, zp, cc * (128 / GROUP) + gi, N, n0);
   }
 }
 
@@ -371,9 +356,9 @@ DEV void finish(float acc[4], float* __restrict__ out, u16* __restrict__ y, floa
 // grid (ceil(N / (32 * WARPS)), splits), 32 * WARPS * KSPLIT threads; `per` chunks a split, of which warp
 // w's k-part (w / WARPS) takes an equal share.
 template <int GROUP, int UNROLL, int FLUSH, int REDUCE, bool PRELOAD, bool PIPE, int WARPS, bool TC,
-          int KSPLIT, bool SONLY>
+          int KSPLIT>
 __global__ void __launch_bounds__(32 * WARPS * KSPLIT) w4a16_gemv(
-    const uint4* __restrict__ x, const uint4* __restrict__ qw, const void* __restrict__ sz,
+    const uint4* __restrict__ x, const uint4* __restrict__ qw, const uint4* __restrict__ sz,
     const u32* __restrict__ zp, float* __restrict__ out, u16* __restrict__ y, float* __restrict__ ws,
     int* __restrict__ cnt, int N, int KW, int n_chunks, int per) {
   static_assert(REDUCE != 2 || WARPS % 2 == 0, "the SiLU epilogue needs gate/up block pairs in a tile");
@@ -390,20 +375,20 @@ __global__ void __launch_bounds__(32 * WARPS * KSPLIT) w4a16_gemv(
   const uint4* xp = x + r0;  // + 16 c + 4 t: pairs 64 c + 16 t + 4 r0 .. + 3
 
   Stage<GROUP, UNROLL> cur;
-  if (PRELOAD && c_lo < c_hi) load_stage<GROUP, UNROLL, SONLY>(cur, wp, sz, zp, c_lo, c_hi - 1, N, n0);
+  if (PRELOAD && c_lo < c_hi) load_stage<GROUP, UNROLL>(cur, wp, sz, zp, c_lo, c_hi - 1, N, n0);
   pdl_wait();
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  if (!PRELOAD && c_lo < c_hi) load_stage<GROUP, UNROLL, SONLY>(cur, wp, sz, zp, c_lo, c_hi - 1, N, n0);
+  if (!PRELOAD && c_lo < c_hi) load_stage<GROUP, UNROLL>(cur, wp, sz, zp, c_lo, c_hi - 1, N, n0);
   for (int c = c_lo; c < c_hi; c += UNROLL) {
     const bool more = c + UNROLL < c_hi;
     if (PIPE) {  // the next iteration's loads in flight while this one computes
       Stage<GROUP, UNROLL> nxt;
-      if (more) load_stage<GROUP, UNROLL, SONLY>(nxt, wp, sz, zp, c + UNROLL, c_hi - 1, N, n0);
+      if (more) load_stage<GROUP, UNROLL>(nxt, wp, sz, zp, c + UNROLL, c_hi - 1, N, n0);
       compute<GROUP, UNROLL, FLUSH, TC>(cur, xp, c, c_hi - c, acc);
       if (more) cur = nxt;
     } else {
       compute<GROUP, UNROLL, FLUSH, TC>(cur, xp, c, c_hi - c, acc);
-      if (more) load_stage<GROUP, UNROLL, SONLY>(cur, wp, sz, zp, c + UNROLL, c_hi - 1, N, n0);
+      if (more) load_stage<GROUP, UNROLL>(cur, wp, sz, zp, c + UNROLL, c_hi - 1, N, n0);
     }
   }
   pdl_trigger();

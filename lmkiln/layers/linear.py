@@ -50,9 +50,6 @@ class Int4Linear(nn.Module):
         self.register_buffer("scratch", torch.zeros(0, dtype=torch.int32), persistent=False)
         # float32 [1, N] output of the atomic split-K GEMV (matmul_acc): zero between a GEMV and its consumer
         self.register_buffer("acc", None, persistent=False)
-        # the scales alone (fp16 [K/G, N]) for the CUDA batch-1 GEMV, where it may run (_sync_scales)
-        self.register_buffer("scales", None, persistent=False)
-        self._sync_scales()
 
     @classmethod
     def from_packed(
@@ -74,20 +71,7 @@ class Int4Linear(nn.Module):
         out = super()._apply(fn, recurse)
         if self.qweight.device.type == "cuda" and self.scratch.numel() != SCRATCH_TILES:
             self.scratch = torch.zeros(SCRATCH_TILES, dtype=torch.int32, device=self.qweight.device)
-        self._sync_scales()
         return out
-
-    def _sync_scales(self) -> None:
-        """Keep ``scales`` = ``sz[..., 0]`` on the weights' device where the CUDA GEMV may run there (3 % more
-        weight memory, 2.9 % fewer bytes a g128 batch-1 GEMV reads), else none. Made when the weights land
-        on the GPU, before the engine sizes its KV cache from the memory left."""
-        from lmkiln.kernels import w4a16_cuda
-
-        dev = self.qweight.device
-        if dev.type != "cuda" or not w4a16_cuda.scales_wanted(dev):
-            self.scales = None
-        elif self.scales is None or self.scales.device != dev or self.scales.dtype != torch.float16:
-            self.scales = w4a16_cuda.scales_of(self.sz).to(torch.float16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, silu=False)
@@ -113,9 +97,8 @@ class Int4Linear(nn.Module):
         if self.acc is None or self.acc.device != x.device:
             self.acc = torch.zeros(ATOMIC_MAX_M, self.out_features, dtype=torch.float32, device=x.device)
         y = self.acc[:m]
-        kw = {"scales": self.scales} if cfg.kind == "cuda" else {}
         w4a16.LAUNCHERS[cfg.kind](
-            x2.contiguous(), self.qweight, self.sz, self.zeros, cfg, out=y, reduce="atomic", **kw
+            x2.contiguous(), self.qweight, self.sz, self.zeros, cfg, out=y, reduce="atomic"
         )
         return y.view(*x.shape[:-1], self.out_features), True
 
@@ -134,7 +117,7 @@ class Int4Linear(nn.Module):
             if self.scratch.device != x.device or self.scratch.numel() != SCRATCH_TILES:
                 self.scratch = torch.zeros(SCRATCH_TILES, dtype=torch.int32, device=x.device)
             op = w4a16_silu_mm if fused else w4a16_mm
-            y = op(x.contiguous(), self.qweight, self.sz, self.zeros, self.scratch, self.scales)
+            y = op(x.contiguous(), self.qweight, self.sz, self.zeros, self.scratch)
         else:
             from lmkiln.kernels.reference import w4a16_matmul_ref
 

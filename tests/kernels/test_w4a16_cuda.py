@@ -78,13 +78,6 @@ def test_switch_and_option_validation(monkeypatch):
     monkeypatch.setenv(w4a16_cuda.ENABLE_ENV, "yes")
     with pytest.raises(QuantConfigError, match="LMKILN_CUDA_GEMV"):
         w4a16_cuda.enabled(cpu)
-    monkeypatch.delenv(w4a16_cuda.ENABLE_ENV)
-    assert not w4a16_cuda.scales_wanted(cpu)
-    monkeypatch.setenv(w4a16_cuda.SCALES_ENV, "no")
-    with pytest.raises(QuantConfigError, match="LMKILN_CUDA_GEMV_SCALES"):
-        w4a16_cuda.scales_wanted(cpu)
-    sz = torch.arange(24, dtype=torch.float16).view(3, 4, 2)
-    assert torch.equal(w4a16_cuda.scales_of(sz), sz[..., 0]) and w4a16_cuda.scales_of(sz).is_contiguous()
     with pytest.raises(QuantConfigError, match="unroll"):
         w4a16_cuda.CudaGemvOptions(unroll=3)
     with pytest.raises(QuantConfigError, match="fp16 activations on a CUDA device"):
@@ -102,16 +95,16 @@ def test_kernel_source_compiles_where_nvrtc_loads():
     src = cuda_jit.read_source(w4a16_cuda.SOURCE)
     for g in (32, 64, 128):
         for reduce in (0, 1, 2):
-            for tc, ksplit, sonly in (("true", 1, "false"), ("false", 1, "true"), ("true", 4, "true")):
+            for tc, ksplit in (("true", 1), ("false", 1), ("true", 4)):
                 cubin, name = cuda_jit.compile_cubin(
                     src,
-                    f"w4a16_gemv<{g}, 1, 1, {reduce}, true, false, 4, {tc}, {ksplit}, {sonly}>",
+                    f"w4a16_gemv<{g}, 1, 1, {reduce}, true, false, 4, {tc}, {ksplit}>",
                     "sm_90",
                     w4a16_cuda.OPTIONS,
                 )
                 assert cubin[:4] == b"\x7fELF" and name.startswith("_Z10w4a16_gemv")
-    with pytest.raises(RuntimeError, match="could not compile"):  # odd warps with the SiLU epilogue
-        cuda_jit.compile_cubin(src, "w4a16_gemv<128, 1, 1, 2, true, false, 1, true, 1, false>", "sm_90")
+    with pytest.raises(RuntimeError, match="could not compile"):
+        cuda_jit.compile_cubin(src, "w4a16_gemv<128, 1, 1, 2, true, false, 1, true, 1>", "sm_90")  # odd warps
 
 
 def test_missing_nvrtc_is_reported(monkeypatch):
@@ -125,9 +118,7 @@ def test_missing_nvrtc_is_reported(monkeypatch):
             cuda_jit.nvrtc()
         with pytest.raises(KernelInputError, match="CUDA device"):
             cuda_jit.kernel(
-                "w4a16_gemv.cu",
-                "w4a16_gemv<128, 1, 1, 0, true, false, 4, true, 1, false>",
-                torch.device("cpu"),
+                "w4a16_gemv.cu", "w4a16_gemv<128, 1, 1, 0, true, false, 4, true, 1>", torch.device("cpu")
             )
     finally:
         cuda_jit.nvrtc.cache_clear()

@@ -137,31 +137,3 @@ def test_graph_capture_and_bad_inputs(make_packed):
         w4a16_cuda.gemv(x, p["qweight"], p["sz"], p["zeros"], 2, out=out.half())
     with pytest.raises(QuantConfigError, match="fp16"):
         w4a16_cuda.gemv(x.bfloat16(), p["qweight"], p["sz"], p["zeros"], 2, out=out)
-
-
-@pytest.mark.parametrize(("tc", "ksplit"), [(True, 8), (False, 1), (True, 4)])
-@pytest.mark.parametrize(
-    ("k", "n", "g", "split"), [(4096, 12288, 128, 1), (640, 192, 32, 5), (512, 256, 64, 2)]
-)
-def test_scales_copy_gives_the_same_results(make_packed, k, n, g, split, tc, ksplit):
-    """``scales=scales_of(sz)`` (the kernel reads the scales alone instead of the (s, m) pairs): bit for bit
-    the pair path's output in every reduction (the same values, one load narrower), and bad copies refused."""
-    from lmkiln.kernels import w4a16_cuda
-
-    p = make_packed(k, n, g, seed=k + g, device="cuda")
-    s = w4a16_cuda.scales_of(p["sz"])
-    assert s.shape == p["sz"].shape[:2] and s.is_contiguous()
-    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-    o = w4a16_cuda.CudaGemvOptions(tc=tc, ksplit=ksplit)
-    scratch = torch.zeros(1024, dtype=torch.int32, device="cuda")
-    args = (x, p["qweight"], p["sz"], p["zeros"], split)
-    pairs = w4a16_cuda.gemv(*args, reduce="ordered", scratch=scratch, options=o)
-    alone = w4a16_cuda.gemv(*args, reduce="ordered", scratch=scratch, options=o, scales=s)
-    assert torch.equal(pairs, alone)
-    if split == 1:  # one split: the atomic sum has one term per column, so it is deterministic too
-        a, b = torch.zeros(1, n, device="cuda"), torch.zeros(1, n, device="cuda")
-        w4a16_cuda.gemv(*args, out=a, options=o)
-        w4a16_cuda.gemv(*args, out=b, options=o, scales=s)
-        assert torch.equal(a, b)
-    with pytest.raises(QuantConfigError, match="scales must be"):
-        w4a16_cuda.gemv(*args, reduce="ordered", scratch=scratch, options=o, scales=p["sz"])
