@@ -7,7 +7,10 @@ programs may be resident while the previous kernel is still running:
 
 * every kernel launched this way calls :func:`wait` (``griddepcontrol.wait``) before it reads or writes
   anything another kernel touches; what comes before the wait may only read the weights, which no kernel
-  writes (the ``fma`` GEMV prefetches the start of its weight slice into L2 there);
+  writes (the ``fma`` GEMV prefetches the start of its weight slice into L2 there), and data that kernels
+  finished before the previous one wrote, where the previous kernel triggers only after its own wait (then
+  every kernel before it has finished): the CUDA batch-1 decode attention (``cuda/decode_attention.cu``)
+  reads the block table, older keys and values and cos / sin there, after the qkv GEMV;
 * :func:`trigger` (``griddepcontrol.launch_dependents``) lets the next kernel launch. Short kernels
   (norm, rotary, KV write, attention) trigger at their start; the GEMVs after their main loop, so the next
   GEMV's prefetch overlaps only this one's split-K tail and the short kernels between them.
