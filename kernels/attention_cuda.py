@@ -14,9 +14,7 @@ of global partials and a counter.
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import torch
 from lmkiln.kernels import cuda_jit, pdl
@@ -37,19 +35,7 @@ def enabled(device: torch.device) -> bool:
     """Whether :func:`paged_attention.paged_decode` may take this kernel on ``device``: CUDA, compute
     capability >= 9 (clusters, ``griddepcontrol``), NVRTC loadable, ``LMKILN_CUDA_ATTENTION`` not 0 (an A/B
     switch, read at every call)."""
-    choice = os.environ.get(ENABLE_ENV, "").strip()
-    if choice not in ("", "0", "1"):
-        raise KernelInputError(
-            f"{ENABLE_ENV}={choice!r}: use 0 (off), 1 (on where supported) or leave it unset"
-        )
-    if choice == "0" or device.type != "cuda" or pdl.interpreting():
-        return False
-    return _supported(device)
-
-
-@functools.lru_cache(maxsize=8)
-def _supported(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9 and cuda_jit.available()
+    return cuda_jit.enabled(device, ENABLE_ENV, KernelInputError)
 
 
 def usable(

@@ -113,6 +113,23 @@ def _check(res: int, what: str) -> None:
         raise RuntimeError(f"{what} failed: CUDA error {res} ({(msg.value or b'?').decode()})")
 
 
+def enabled(device: torch.device, env: str, error: type[Exception]) -> bool:
+    """Whether the kernels behind the A/B switch ``env`` (read at every call; ``error`` reports a bad value)
+    may run on ``device``: the switch not 0, CUDA, compute capability >= 9 (``griddepcontrol``, clusters,
+    ``red.global.add.v4.f32``), not the Triton interpreter, NVRTC loadable."""
+    choice = os.environ.get(env, "").strip()
+    if choice not in ("", "0", "1"):
+        raise error(f"{env}={choice!r}: use 0 (off), 1 (on where supported) or leave it unset")
+    if choice == "0" or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
+    return _hopper_with_nvrtc(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _hopper_with_nvrtc(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9 and available()
+
+
 def available() -> bool:
     """Whether NVRTC loads here (no GPU needed)."""
     try:

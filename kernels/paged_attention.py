@@ -601,7 +601,9 @@ def paged_decode(
     D]`` are not in the cache yet, and q and k have no rotary yet. The kernel applies the rotary to q and k
     (as ``fused.rotary_``), stores k and v in ``slot_mapping``'s slots (as ``kv_cache.write_kv``; slots < 0
     skipped) and attends with them at position ``seq_lens[b] - 1``: the same results as ``write_kv(...,
-    rope=(q, cos, sin))`` then this kernel, in one launch instead of two. q, k and v are not modified.
+    rope=(q, cos, sin))`` then this kernel, in one launch instead of two. q, k and v are not modified. Where
+    :func:`attention_cuda.usable` holds (Hopper, NVRTC, fp16, head dim 64 / 128), the CUDA kernel of the same
+    contract runs instead (at most 8 splits; the counters are then unused).
 
     ``consume`` (with ``new_kv``): q, k and v are views of a float32 split-K accumulator
     (``Int4Linear.matmul_acc`` of the fused qkv projection): they are rounded to ``cos``'s dtype first, as

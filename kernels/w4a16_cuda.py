@@ -13,8 +13,6 @@ The pure-torch reference is ``reference.w4a16_matmul_ref``.
 
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -152,17 +150,7 @@ def enabled(device: torch.device) -> bool:
     """Whether the dispatcher may pick this kernel on ``device``: CUDA, compute capability >= 9
     (``red.global.add.v4.f32``, ``griddepcontrol``), NVRTC loadable, and ``LMKILN_CUDA_GEMV`` not 0 (an A/B
     switch, read at every call)."""
-    choice = os.environ.get(ENABLE_ENV, "").strip()
-    if choice not in ("", "0", "1"):
-        raise QuantConfigError(f"{ENABLE_ENV}={choice!r}: use 0 (off), 1 (on where supported) or leave unset")
-    if choice == "0" or device.type != "cuda" or pdl.interpreting():
-        return False
-    return _supported(device)
-
-
-@functools.lru_cache(maxsize=8)
-def _supported(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9 and cuda_jit.available()
+    return cuda_jit.enabled(device, ENABLE_ENV, QuantConfigError)
 
 
 def options_of(cfg) -> CudaGemvOptions:

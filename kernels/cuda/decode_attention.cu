@@ -33,6 +33,13 @@ DEV void lo_hi(u32 h2, float& lo, float& hi) {
   hi = f16_to_f32((u16)(h2 >> 16));
 }
 
+DEV void unpack8(const uint4& v, float f[8]) {  // 8 fp16 -> float
+  lo_hi(v.x, f[0], f[1]);
+  lo_hi(v.y, f[2], f[3]);
+  lo_hi(v.z, f[4], f[5]);
+  lo_hi(v.w, f[6], f[7]);
+}
+
 DEV u32 cluster_rank() {
   u32 r;
   asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
@@ -178,10 +185,7 @@ __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(THREADS) decode_attn
         vr[r] = v_new;
       }
       float k8[8];
-      lo_hi(kr[r].x, k8[0], k8[1]);
-      lo_hi(kr[r].y, k8[2], k8[3]);
-      lo_hi(kr[r].z, k8[4], k8[5]);
-      lo_hi(kr[r].w, k8[6], k8[7]);
+      unpack8(kr[r], k8);
 #pragma unroll
       for (int h = 0; h < G; h++) {
         float dot = 0.f;
@@ -219,10 +223,7 @@ __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(THREADS) decode_attn
 #pragma unroll
     for (int r = 0; r < R; r++) {
       float v8[8];
-      lo_hi(vr[r].x, v8[0], v8[1]);
-      lo_hi(vr[r].y, v8[2], v8[3]);
-      lo_hi(vr[r].z, v8[4], v8[5]);
-      lo_hi(vr[r].w, v8[6], v8[7]);
+      unpack8(vr[r], v8);
 #pragma unroll
       for (int h = 0; h < G; h++)
 #pragma unroll
