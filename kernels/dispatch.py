@@ -120,17 +120,7 @@ def heuristic_config(
     if m == 1 and fma and cuda:
         # one 32-column block a CTA, its K range split over 8 warps (partials meet in shared memory), about
         # 3 such CTAs an SM (H100, the 7B linears, notes/kernels.md, session 14: qkv 1, o 3, down 3 splits)
-        return w4a16.KernelConfig(
-            kind="cuda",
-            block_n=32,
-            split_k=split_for(-(-n // 32), 3, n_chunks),
-            num_warps=1,
-            ksplit=8,
-            num_stages=1,
-            chunks=1,
-            flush=1,
-            zfold=True,
-        )
+        return w4a16.KernelConfig.cuda_gemv(1, 8, split_for(-(-n // 32), 3, n_chunks))
     if m == 1 and not fma:
         bn = _divisor_block(n, (256, 128, 64, 32))
         return w4a16.KernelConfig(

@@ -84,6 +84,23 @@ class KernelConfig:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
     @classmethod
+    def cuda_gemv(cls, warps: int, ksplit: int, split_k: int) -> KernelConfig:
+        """Kind ``"cuda"`` as the heuristic and the tuner offer it: ``warps`` 32-column blocks a CTA,
+        ``ksplit`` warps over each block's K range, one chunk an iteration, the dot products on the tensor
+        cores."""
+        return cls(
+            kind="cuda",
+            block_n=32 * warps,
+            split_k=split_k,
+            num_warps=warps,
+            ksplit=ksplit,
+            num_stages=1,
+            chunks=1,
+            flush=1,
+            zfold=True,
+        )
+
+    @classmethod
     def from_dict(cls, d: dict) -> KernelConfig:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:

@@ -241,20 +241,7 @@ def candidate_configs(m: int, n: int, k: int) -> list:
         # CTA, ksplit warps over each block's K range, one chunk an iteration, tensor cores
         for warps, ksplit in ((1, 8), (1, 4), (2, 4), (4, 1)):
             tiles = -(-n // (32 * warps))
-            for sk in sorted({1, 2, 3, *splits(tiles)}):
-                out.append(
-                    KernelConfig(
-                        kind="cuda",
-                        block_n=32 * warps,
-                        split_k=sk,
-                        num_warps=warps,
-                        ksplit=ksplit,
-                        num_stages=1,
-                        chunks=1,
-                        flush=1,
-                        zfold=True,
-                    )
-                )
+            out += [KernelConfig.cuda_gemv(warps, ksplit, sk) for sk in sorted({1, 2, 3, *splits(tiles)})]
         for bn, warps in ((128, 4), (256, 8)):
             for st in (1, 3):
                 if n % bn == 0:
