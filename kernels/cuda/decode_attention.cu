@@ -50,6 +50,24 @@ DEV void cluster_sync() {  // every thread of every CTA of the cluster; shared-m
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 
+// N softmax states (running max m, sum l, weighted sums acc) of head h merged at dim d: the max, and l and
+// acc[d] rescaled to it and summed (states without keys, m = -inf, weigh 0).
+template <int N, int G, int D>
+DEV void merge(const float (&m)[N][G], const float (&l)[N][G], const float (&acc)[N][G][D], int h, int d,
+               float& mx, float& tot, float& a) {
+  mx = m[0][h];
+#pragma unroll
+  for (int i = 1; i < N; i++) mx = fmaxf(mx, m[i][h]);
+  const float mu = mx == NEG_INF ? 0.f : mx;
+  a = tot = 0.f;
+#pragma unroll
+  for (int i = 0; i < N; i++) {
+    const float wt = ex2(m[i][h] - mu);
+    a += wt * acc[i][h][d];
+    tot += wt * l[i][h];
+  }
+}
+
 template <bool C>
 struct ActT {
   typedef u16 T;  // fp16 q, k, v
@@ -254,17 +272,8 @@ __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(THREADS) decode_attn
   __syncthreads();
   for (int i = tid; i < G * D; i += THREADS) {
     const int h = i / D, d = i % D;
-    float mx = wm[0][h];
-#pragma unroll
-    for (int w = 1; w < WARPS; w++) mx = fmaxf(mx, wm[w][h]);
-    const float mu = mx == NEG_INF ? 0.f : mx;
-    float a = 0.f, tot = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; w++) {
-      const float wt = ex2(wm[w][h] - mu);
-      a += wt * wacc[w][h][d];
-      tot += wt * wl[w][h];
-    }
+    float mx, tot, a;
+    merge<WARPS>(wm, wl, wacc, h, d, mx, tot, a);
     st_cluster(&pacc[split][h][d], 0, a);
     if (d == 0) {
       st_cluster(&pm[split][h], 0, mx);
@@ -275,17 +284,8 @@ __global__ void __cluster_dims__(S, 1, 1) __launch_bounds__(THREADS) decode_attn
   if (cluster_rank() != 0) return;
   for (int i = tid; i < G * D; i += THREADS) {
     const int h = i / D, d = i % D;
-    float mx = NEG_INF;
-#pragma unroll
-    for (int sp = 0; sp < S; sp++) mx = fmaxf(mx, pm[sp][h]);
-    const float mu = mx == NEG_INF ? 0.f : mx;  // splits without keys weigh 0
-    float a = 0.f, tot = 0.f;
-#pragma unroll
-    for (int sp = 0; sp < S; sp++) {
-      const float wt = ex2(pm[sp][h] - mu);
-      a += wt * pacc[sp][h][d];
-      tot += wt * pl[sp][h];
-    }
+    float mx, tot, a;
+    merge<S>(pm, pl, pacc, h, d, mx, tot, a);
     out[(size_t)b * so_t + (size_t)(hk * G + h) * so_h + d] = f32_to_f16(tot > 0.f ? a / tot : 0.f);
   }
   if (CONSUME) {  // zero the accumulator's q, k and v for the GEMM's next launch
