@@ -631,14 +631,14 @@ def paged_decode(
     splits = max(1, min(splits, MAX_SPLITS))
     if counters is not None:
         _check_counters(counters, q.shape[0] * hk, q.device)
-    elif splits > 1:
-        counters = make_counters(q.device, q.shape[0] * hk)
     if new_kv is not None:
         _check_new_kv(new_kv, q, k_cache, bits, sink, consume)
-        if attention_cuda.usable(q, k_cache, v_cache, new_kv, consume):
+        if attention_cuda.usable(q, k_cache, v_cache, new_kv, consume):  # merges its splits without counters
             splits = min(splits, attention_cuda.MAX_SPLITS)
             return attention_cuda.decode(q, k_cache, v_cache, block_tables, seq_lens, scale, out, new_kv,
                                          consume, splits)
+    if counters is None and splits > 1:
+        counters = make_counters(q.device, q.shape[0] * hk)
     _launch(
         q,
         k_cache,
