@@ -105,9 +105,10 @@ class _SamplerProxy:
         return getattr(self.inner, name)
 
 
-def kernel_table(engine: Any, steps: int) -> list[dict[str, Any]]:
+def kernel_table(engine: Any, steps: int, chrome_trace: Path | None = None) -> list[dict[str, Any]]:
     """GPU time per decode step by kernel name over ``steps`` steps (torch.profiler / CUPTI; CUDA graph
-    replays report their kernels one by one), largest first."""
+    replays report their kernels one by one), largest first; ``chrome_trace``: also write the timeline
+    there (chrome://tracing / Perfetto JSON: the gaps between kernels, the work outside the graphs)."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     # one warm-up step first: the profiler misses part of the first step it sees
@@ -117,6 +118,9 @@ def kernel_table(engine: Any, steps: int) -> list[dict[str, Any]]:
             engine.step()
             torch.cuda.synchronize()
             prof.step()
+    if chrome_trace is not None:
+        chrome_trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(chrome_trace))
     rows: dict[str, list[float]] = {}
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
@@ -130,10 +134,17 @@ def kernel_table(engine: Any, steps: int) -> list[dict[str, Any]]:
 
 
 def profile_batch(
-    engine: Any, batch: int, prompt_len: int, steps: int, vocab: int, trace: bool = False
+    engine: Any,
+    batch: int,
+    prompt_len: int,
+    steps: int,
+    vocab: int,
+    trace: bool = False,
+    chrome_trace: Path | None = None,
 ) -> dict[str, Any]:
     """Decode ``steps`` steps of ``batch`` sequences; per-step wall, GPU span and host gap (medians);
-    ``trace``: also the GPU time per kernel name (:func:`kernel_table`)."""
+    ``trace``: also the GPU time per kernel name (:func:`kernel_table`), and its timeline to
+    ``chrome_trace``."""
     from lmkiln.bench.engine import _pct, _prompts
     from lmkiln.engine import SamplingParams
 
@@ -146,7 +157,7 @@ def profile_batch(
         engine.step()
     for _ in range(3):  # warm decode steps
         engine.step()
-    kernels = kernel_table(engine, traced - 1) if traced else None  # full-batch decode steps
+    kernels = kernel_table(engine, traced - 1, chrome_trace) if traced else None  # full-batch decode steps
     runner = engine.runner
     span = _Span(runner.device.type == "cuda")
     hidden, sampler = runner._hidden, runner.sampler
@@ -222,7 +233,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     }
     for b in a.batch_sizes:
         eng = _engine(model, loaded, str(device), max(b, a.max_num_seqs), session_len, a.quant_policy)
-        row = profile_batch(eng, b, a.prompt_len, a.steps, loaded.config.vocab_size, a.trace)
+        timeline = a.out / f"trace_b{b}.json" if a.trace else None
+        row = profile_batch(eng, b, a.prompt_len, a.steps, loaded.config.vocab_size, a.trace, timeline)
         log.info(
             "batch %4d: step %.3f ms = GPU span %.3f ms + host gap %.3f ms (GPU busy %.0f %%); mean %.3f ms, "
             "max %.3f ms, GC %.1f ms over %d steps",
@@ -267,7 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--dtype", choices=("bfloat16", "float16"), default="bfloat16", help="activation dtype (GPU)"
     )
-    p.add_argument("--trace", action="store_true", help="also GPU time per kernel (torch.profiler)")
+    p.add_argument(
+        "--trace", action="store_true",
+        help="also GPU time per kernel (torch.profiler), a timeline of 4 steps in --out/trace_b<batch>.json",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     run(args)

@@ -186,6 +186,7 @@ class DecodeGraphs:
         hidden_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        side_stream: bool = True,
     ) -> None:
         self.model, self.kv_caches, self.backend = model, kv_caches, backend
         self.sizes, self.max_blocks, self.block_size = sizes, max_blocks, block_size
@@ -205,8 +206,12 @@ class DecodeGraphs:
             self.sink_slot = torch.full((b,), -1, dtype=torch.long, device=device)
             self.inputs += ("sink_idx", "sink_slot")
         self.hidden = torch.zeros(b, hidden_size, dtype=dtype, device=device)
-        # the step's inputs, without a pinned allocation a step
-        self.staging = StagedCopy([getattr(self, name) for name in self.inputs])
+        # rows whose input is a token of the step in flight, and where that step's tokens hold it
+        self.pending_rows = torch.zeros(b, dtype=torch.long, device=device)
+        self.pending_src = torch.zeros(b, dtype=torch.long, device=device)
+        # the step's inputs, without a pinned allocation a step, copied beside the previous step's logits
+        staged = [getattr(self, name) for name in self.inputs] + [self.pending_rows, self.pending_src]
+        self.staging = StagedCopy(staged, side_stream=side_stream)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
 
@@ -248,24 +253,45 @@ class DecodeGraphs:
             and all(len(t) <= self.max_blocks for t in step.block_tables)
         )
 
-    def run(self, step: StepInputs, pending: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Hidden states ``[n, hidden]`` of a decode step (replayed if captured); ``pending``: ``(rows,
-        tokens)`` device tensors written into the input ids first (tokens sampled by the step in flight)."""
+    def run(self, step: StepInputs, pending: PendingInputs | None = None) -> torch.Tensor:
+        """Hidden states ``[n, hidden]`` of a decode step (replayed if captured); ``pending``: tokens of the
+        step in flight, written into the input ids first."""
         n = step.num_seqs
         b = pick_bucket(self.sizes, n)
         if b is None:
             raise EngineConfigError(f"no decode graph holds {n} sequences (largest {self.sizes[-1]})")
         p = pad_decode_inputs(step, b, self.max_blocks)
         values = [getattr(p, name) for name in self.inputs]
-        self.staging.copy([v if v is not None else [-1] * b for v in values])  # no sink entries: -1
-        if pending is not None:
-            self.input_ids.index_copy_(0, *pending)
+        values = [v if v is not None else [-1] * b for v in values]  # no sink entries: -1
+        if pending is None:
+            self.staging.copy([*values, [], []])
+        else:
+            self.staging.copy([*values, pending.rows, pending.src])
+            k = len(pending.rows)
+            pending.write(self.input_ids, self.pending_rows[:k], self.pending_src[:k])
         graph = self.graphs.get(b)
         if graph is not None:
             graph.replay()
         else:
             self._forward(b)
+        self.staging.release()  # the next step's inputs may land once this step's forward is done
         return self.hidden[:n]
+
+
+@dataclass
+class PendingInputs:
+    """Input tokens of a step that the step in flight sampled and the host has not read: row ``rows[i]``
+    of the input ids takes ``tokens[src[i]]``."""
+
+    rows: list[int]
+    src: list[int]
+    tokens: torch.Tensor  # the step in flight's sampled tokens, on the device
+
+    def write(self, input_ids: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> None:
+        """``input_ids[rows] = tokens[src]`` on the device; ``rows`` / ``src``: :attr:`rows` / :attr:`src`
+        already on the device (one launch where ``src`` takes every token in order, the common case)."""
+        every = self.src == list(range(self.tokens.shape[0]))
+        input_ids.index_copy_(0, rows, self.tokens if every else self.tokens.index_select(0, src))
 
 
 @dataclass
@@ -274,7 +300,8 @@ class PendingStep:
 
     On CUDA the tokens' copy to (pinned) host memory is queued right behind the step's sampler, with an
     event: :meth:`result` waits for that event only, not for steps launched after this one (a plain
-    ``tokens.tolist()`` would queue its copy behind them)."""
+    ``tokens.tolist()`` would queue its copy behind them). With a ``stream`` the copy runs there, so the next
+    step's kernels do not queue behind it."""
 
     seq_ids: list[int] = field(default_factory=list)
     tokens: torch.Tensor | None = None  # [len(seq_ids)] int64, on the device
@@ -283,13 +310,26 @@ class PendingStep:
     ready: torch.cuda.Event | None = None
 
     @classmethod
-    def of(cls, seq_ids: list[int], tokens: torch.Tensor, logprobs: list[Logprobs | None]) -> PendingStep:
+    def of(
+        cls,
+        seq_ids: list[int],
+        tokens: torch.Tensor,
+        logprobs: list[Logprobs | None],
+        stream: torch.cuda.Stream | None = None,
+    ) -> PendingStep:
         if tokens.device.type != "cuda":
             return cls(seq_ids, tokens, logprobs, tokens)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
-        ready.record()
+        if stream is None:
+            host.copy_(tokens, non_blocking=True)
+            ready.record()
+        else:
+            stream.wait_stream(torch.cuda.current_stream(tokens.device))  # behind the sampler
+            with torch.cuda.stream(stream):
+                host.copy_(tokens, non_blocking=True)
+                ready.record(stream)
+            tokens.record_stream(stream)  # its memory outlives the copy even if the caller drops it
         return cls(seq_ids, tokens, logprobs, host, ready)
 
     def result(self) -> ModelRunnerOutput:
@@ -351,8 +391,12 @@ class ModelRunner:
         self.session_len = config.session_len or cfg.max_position_embeddings
         self.max_blocks = -(-self.session_len // config.block_size)  # block-table width in the graphs
         self.max_num_seqs = min(config.max_num_seqs, num_blocks)
+        # input and output copies of decode steps off the compute stream (LMKILN_SIDE_COPIES=0: on it)
+        cuda = self.device.type == "cuda"
+        self.side_copies = cuda and os.environ.get("LMKILN_SIDE_COPIES", "1") != "0"
+        self._d2h_stream = torch.cuda.Stream(self.device) if self.side_copies else None
         self.decode_graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not config.eager:
+        if cuda and not config.eager:
             self.enable_decode_graphs(capture=True)
 
     def _k_offsets(self, quant_policy: int) -> list[torch.Tensor] | None:
@@ -389,6 +433,7 @@ class ModelRunner:
             cfg.hidden_size,
             self.loaded.dtype,
             self.device,
+            self.side_copies,
         )
         if capture:
             t0 = time.perf_counter()
@@ -455,10 +500,8 @@ class ModelRunner:
             meta.sink_slot = as_tensor(step.sink_slot, torch.long)
         return as_tensor(step.input_ids, torch.long), as_tensor(step.positions, torch.long), meta
 
-    def _pending(
-        self, step: StepInputs, prev: PendingStep | None
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(rows, tokens)`` on the device for the step's pending inputs, taken from ``prev``'s samples."""
+    def _pending(self, step: StepInputs, prev: PendingStep | None) -> PendingInputs | None:
+        """The step's pending inputs, taken from ``prev``'s samples."""
         if not step.pending_rows:
             return None
         where = {sid: i for i, sid in enumerate(prev.seq_ids)} if prev is not None else {}
@@ -467,19 +510,17 @@ class ModelRunner:
                 f"sequences {step.pending_seqs} have a pending token but the step in flight did not sample "
                 "them (engine bug)"
             )
-        dev = self.device
-        rows = to_device(step.pending_rows, torch.long, dev)
-        src = to_device([where[s] for s in step.pending_seqs], torch.long, dev)
-        return rows, prev.tokens.index_select(0, src)
+        return PendingInputs(step.pending_rows, [where[s] for s in step.pending_seqs], prev.tokens)
 
     def _hidden(
-        self, step: StepInputs, eager: bool = False, pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self, step: StepInputs, eager: bool = False, pending: PendingInputs | None = None
     ) -> torch.Tensor:
         if not eager and self.decode_graphs is not None and self.decode_graphs.can_run(step):
             return self.decode_graphs.run(step, pending)
         input_ids, positions, meta = self._prepare(step)
         if pending is not None:
-            input_ids.index_copy_(0, *pending)
+            rows, src = (to_device(x, torch.long, self.device) for x in (pending.rows, pending.src))
+            pending.write(input_ids, rows, src)
         try:
             return self.model.forward_paged(input_ids, positions, self.kv_cache.layers, meta, self.backend)
         except BaseException:
@@ -516,4 +557,5 @@ class ModelRunner:
         if rows[-1] != len(rows) - 1 or len(rows) != hidden.shape[0]:  # not simply every row, in order
             hidden = hidden[to_device(rows, torch.long, hidden.device)]
         sampled = self.sampler(self.model.compute_logits(hidden), sampling)
-        return PendingStep.of([s.seq_id for s in sampling], sampled.token_ids, sampled.logprobs)
+        seq_ids = [s.seq_id for s in sampling]
+        return PendingStep.of(seq_ids, sampled.token_ids, sampled.logprobs, self._d2h_stream)
