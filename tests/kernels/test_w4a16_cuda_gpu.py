@@ -137,3 +137,64 @@ def test_graph_capture_and_bad_inputs(make_packed):
         w4a16_cuda.gemv(x, p["qweight"], p["sz"], p["zeros"], 2, out=out.half())
     with pytest.raises(QuantConfigError, match="fp16"):
         w4a16_cuda.gemv(x.bfloat16(), p["qweight"], p["sz"], p["zeros"], 2, out=out)
+
+
+def _residual_row(k: int, seed: int) -> torch.Tensor:
+    """A float32 residual-stream row with a few large channels (as LLMs have), so the norm's scale matters."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    h = torch.randn(1, k, device="cuda", generator=g) * 3
+    h[0, ::97] *= 40
+    return h
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"tc": True, "unroll": 1, "pipe": False, "warps": 1, "ksplit": 8},  # the 7B qkv's
+        {"tc": True, "unroll": 1, "pipe": False, "warps": 2, "ksplit": 4},  # the 7B gate/up's
+        {"tc": True, "unroll": 2, "warps": 4},  # one warp a column block: the norm's sum from shuffles only
+        {"unroll": 2, "warps": 2, "ksplit": 2},  # CUDA cores: other lanes hold a word-row quad
+    ],
+)
+@pytest.mark.parametrize(
+    ("k", "n", "g"), [(128, 64, 128), (384, 96, 64), (1280, 192, 32), (4096, 12288, 128)]
+)
+def test_rms_applies_the_norm_before_the_gemv(make_packed, opts, k, n, g):
+    """``rms=(weight, eps)``: ``rmsnorm(h) @ W`` of a float32 row, added atomically, and as the SiLU
+    epilogue's input, against the float32 reference (``rms_w4a16_ref``) and the norm kernel + plain GEMV."""
+    from lmkiln.kernels import w4a16_cuda
+    from lmkiln.kernels.fused import rmsnorm, silu_mul
+    from lmkiln.kernels.reference import rms_w4a16_ref
+
+    from lmkiln.quant.pack import gate_up_interleave
+
+    p = make_packed(k, n, g, seed=k + 3 * n, device="cuda")
+    h = _residual_row(k, k + n)
+    w = (torch.randn(k, device="cuda") * 0.3 + 1).half()
+    o = w4a16_cuda.CudaGemvOptions(**opts)
+    out = torch.zeros(1, n, device="cuda")
+    w4a16_cuda.gemv(h, p["qweight"], p["sz"], p["zeros"], 1, out=out, options=o, rms=(w, 1e-5))
+    want = rms_w4a16_ref(h, w, 1e-5, p["qweight"], p["sz"])
+    assert _rel(out, want) < 1e-4
+    normed = rmsnorm(h, w, 1e-5, out_dtype=torch.float16)  # what the norm kernel would have fed the GEMV
+    assert _rel(out, _exact(normed, p)) < 3e-3
+    q, sz, zeros, _ = gate_up_interleave(p["qweight"], p["sz"], p["zeros"])
+    if o.warps % 2 == 0 and n % 64 == 0:  # the SiLU epilogue: gate/up block pairs in a tile
+        y = w4a16_cuda.gemv(h, q, sz, zeros, 1, reduce="ordered", silu=True, options=o, rms=(w, 1e-5))
+        gate, up = want.half().chunk(2, dim=-1)
+        assert _rel(y, silu_mul(gate, up)) < 2e-3
+
+
+def test_rms_rejects_what_it_cannot_do(make_packed):
+    from lmkiln.kernels import w4a16_cuda
+
+    p = make_packed(512, 256, 128, seed=5, device="cuda")
+    h = torch.randn(1, 512, device="cuda")
+    w = torch.ones(512, device="cuda", dtype=torch.float16)
+    out = torch.zeros(1, 256, device="cuda")
+    with pytest.raises(QuantConfigError, match="one split"):
+        w4a16_cuda.gemv(h, p["qweight"], p["sz"], p["zeros"], 2, out=out, rms=(w, 1e-5))
+    with pytest.raises(QuantConfigError, match="a float32 row h"):
+        w4a16_cuda.gemv(h.half(), p["qweight"], p["sz"], p["zeros"], 1, out=out, rms=(w, 1e-5))
+    with pytest.raises(QuantConfigError, match="norm weight must be float16"):
+        w4a16_cuda.gemv(h, p["qweight"], p["sz"], p["zeros"], 1, out=out, rms=(w[:256], 1e-5))
