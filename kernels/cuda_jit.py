@@ -146,7 +146,7 @@ def read_source(name: str) -> str:
 @functools.lru_cache(maxsize=64)
 def compile_cubin(source: str, name_expr: str, arch: str, options: tuple[str, ...] = ()) -> tuple[bytes, str]:
     """``(cubin, lowered name)`` of the kernel ``name_expr`` (a template instance such as
-    ``"w4a16_gemv<128, 1, 1, 0, true, false, 4, true, 1, false>"``) in ``source``, for ``arch`` (``"sm_90"``);
+    ``"w4a16_gemv<128, 1, 1, 0, true, false, 4, true, 1>"``) in ``source``, for ``arch`` (``"sm_90"``);
     ``#include "common.cuh"`` finds the headers of :data:`SOURCE_DIR`."""
     lib = nvrtc()
 

@@ -35,8 +35,6 @@ ATOMIC_ENV = "LMKILN_ATOMIC_SPLITK"
 # 2.25 ms (and the qkv one from 2.23 to 2.16), but batch 4 from 3.51 to 3.66 ms (4 rows: 4x the atomics on
 # the same addresses)
 ATOMIC_MAX_M = 1
-# the batch-1 CUDA GEMV applying the RMSNorm before it (``rms_gemv_config``): 0 turns it off (an A/B switch)
-RMS_GEMV_ENV = "LMKILN_RMS_GEMV"
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # the W4A16 kernel kinds (``w4a16.KernelConfig.kind``); here, not in the Triton module, so that CLIs can offer
 # them as choices without importing Triton
@@ -209,36 +207,6 @@ def atomic_splitk_config(m: int, n: int, k: int, group_size: int, dtype: torch.d
     return cfg if cfg.kind in ("fma", "cuda") else None
 
 
-def silu_cuda_config(cfg):
-    """A ``cuda`` config for the SiLU epilogue: a CTA must hold a gate block and its up block, so an odd
-    number of column blocks doubles (same warps: half the K split)."""
-    if cfg.num_warps % 2 == 0:
-        return cfg
-    return dataclasses.replace(
-        cfg, num_warps=2 * cfg.num_warps, block_n=64 * cfg.num_warps, ksplit=max(1, cfg.ksplit // 2)
-    )
-
-
-def rms_gemv_config(n: int, k: int, group_size: int, device: torch.device, silu: bool = False):
-    """The ``cuda`` config of a batch-1 fp16 GEMV that can apply the RMSNorm of its input itself
-    (``w4a16_cuda.gemv(..., rms=(weight, eps))``: the tensor-core kernel in one split; ``silu``: with the
-    SiLU epilogue), or None: another kernel or more splits for this shape, no NVRTC, or
-    ``LMKILN_RMS_GEMV=0``. Read at every call."""
-    choice = os.environ.get(RMS_GEMV_ENV, "").strip()
-    if choice not in ("", "0", "1"):
-        raise QuantConfigError(f"{RMS_GEMV_ENV}={choice!r}: use 0 (off), 1 (on) or leave it unset")
-    if choice == "0" or device.type != "cuda":
-        return None
-    cfg = choose_config(1, n, k, group_size, torch.float16, device)
-    if cfg.kind != "cuda" or not cfg.zfold:
-        return None
-    if silu:
-        cfg = silu_cuda_config(cfg)
-    from lmkiln.kernels.w4a16_cuda import plan
-
-    return cfg if plan(k // PACK_K, cfg.split_k)[0] == 1 else None
-
-
 def w4a16_matmul(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -290,7 +258,11 @@ def w4a16_matmul(
     if cfg.zfold and cfg.kind == "mma" and zeros is None:
         cfg = dataclasses.replace(cfg, zfold=False)
     if silu and cfg.kind == "cuda":
-        y = w4a16.LAUNCHERS["cuda"](x2, qweight, sz, zeros, silu_cuda_config(cfg), scratch, silu=True)
+        if cfg.num_warps % 2:  # a CTA must hold a gate block and its up block: twice the columns, same warps
+            cfg = dataclasses.replace(
+                cfg, num_warps=2 * cfg.num_warps, block_n=64 * cfg.num_warps, ksplit=max(1, cfg.ksplit // 2)
+            )
+        y = w4a16.LAUNCHERS["cuda"](x2, qweight, sz, zeros, cfg, scratch, silu=True)
         return y.reshape(*lead, n // 2)
     if silu and cfg.kind == "fma":
         if cfg.block_n % (2 * GATE_UP_BLOCK):  # a tile must hold a gate block and its up block

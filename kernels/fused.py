@@ -132,20 +132,9 @@ def _rmsnorm_kernel(
 
 
 def _norm(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor,
-    eps: float,
-    consume: bool = False,
-    out_dtype: torch.dtype | None = None,
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, consume: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     _check(x, "x")
-    recast = out_dtype is not None and out_dtype != x.dtype
-    if recast and (x.dtype != torch.float32 or weight.dtype != out_dtype):
-        raise KernelInputError(
-            f"rmsnorm(out_dtype={out_dtype}) normalizes a float32 x into the weight's dtype, got x "
-            f"{x.dtype}, weight {weight.dtype}"
-        )
     if consume and (residual is None or x.dtype != torch.float32 or not x.is_contiguous()):
         raise KernelInputError(
             "add_rmsnorm(consume=True) reads and zeroes a float32 split-K accumulator: x must be a "
@@ -173,11 +162,6 @@ def _norm(
             raise KernelInputError(f"rmsnorm tensors must share one device: {x.device}, {residual.device}")
         del tensors["x"]
         dt = residual.dtype
-    elif recast:  # a float32 x, the weight and the output in out_dtype
-        if x.device != weight.device:
-            raise KernelInputError(f"rmsnorm tensors must share one device: {x.device}, {weight.device}")
-        del tensors["x"]
-        dt = out_dtype
     _same(tensors, "rmsnorm")
     x2 = _rows(x, "x")
     r2 = _rows(residual, "residual") if residual is not None else x2
@@ -212,13 +196,9 @@ def _norm(
     return y, (ro if residual is not None else None)
 
 
-def rmsnorm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """``weight * (x * rsqrt(mean(x², -1) + eps)).to(x.dtype)`` (fp32 inside), as ``RMSNorm.forward``.
-    ``out_dtype``: a float32 ``x`` (a residual stream kept in float32) normalized into the weight's dtype,
-    ``weight * (x * rsqrt(..)).to(out_dtype)``."""
-    return _norm(x, None, weight, eps, out_dtype=out_dtype)[0]
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x * rsqrt(mean(x², -1) + eps)).to(x.dtype)`` (fp32 inside), as ``RMSNorm.forward``."""
+    return _norm(x, None, weight, eps)[0]
 
 
 def add_rmsnorm(

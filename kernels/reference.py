@@ -102,15 +102,3 @@ def gate_up_silu_ref(y: torch.Tensor) -> torch.Tensor:
     blocks = y.unflatten(-1, (-1, 2, GATE_UP_BLOCK))
     out = torch.nn.functional.silu(blocks[..., 0, :]) * blocks[..., 1, :]
     return out.flatten(-2)
-
-
-def rms_w4a16_ref(
-    h: torch.Tensor, weight: torch.Tensor, eps: float, qweight: torch.Tensor, sz: torch.Tensor
-) -> torch.Tensor:
-    """``rmsnorm(h) @ W`` in float32 as the CUDA GEMV with ``rms=(weight, eps)`` computes it: ``(h * weight)
-    @ W`` scaled by ``rsqrt(mean(h²) + eps)``, the products ``h * weight`` rounded to fp16 (the tensor cores'
-    input). ``RMSNorm.forward`` rounds ``h * rsqrt(..)`` instead: equal up to fp16 rounding."""
-    hf = h.float()
-    scale = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
-    xw = (hf * weight.float()).half().float()
-    return (xw @ dequant_ref(qweight, sz.to(qweight.device)).to(h.device)) * scale

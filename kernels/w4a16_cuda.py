@@ -8,9 +8,7 @@ packed layout (docs/layout.md). Split-K partials meet as the Triton ``fma`` kern
 ``reduce="atomic"`` adds them into a zeroed float32 ``out`` the caller owns and must zero again;
 ``"ordered"`` sums them in split order through a float32 workspace (deterministic) and writes fp16, or with
 ``silu=True`` ``silu(gate) * up`` of an interleaved gate/up weight (``lmkiln.quant.pack.gate_up_interleave``).
-With ``rms=(weight, eps)`` (one split) ``x`` is a float32 row ``h`` and the kernel computes ``rmsnorm(h) @ W``
-itself: the norm's scale is applied to the column sums, so no norm kernel runs before it.
-The pure-torch references are ``reference.w4a16_matmul_ref`` and ``reference.rms_w4a16_ref``.
+The pure-torch reference is ``reference.w4a16_matmul_ref``.
 """
 
 from __future__ import annotations
@@ -79,13 +77,11 @@ def gemv(
     silu: bool = False,
     scratch: torch.Tensor | None = None,
     options: CudaGemvOptions | None = None,
-    rms: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     opts = options or CudaGemvOptions()
-    if x.device.type != "cuda" or x.dtype != (torch.float32 if rms is not None else torch.float16):
+    if x.device.type != "cuda" or x.dtype != torch.float16:
         raise QuantConfigError(
-            f"cuda gemv takes fp16 activations on a CUDA device (with rms=: a float32 row h), got {x.dtype} "
-            f"on {x.device}"
+            f"cuda gemv takes fp16 activations on a CUDA device, got {x.dtype} on {x.device}"
         )
     if x.dim() != 2 or x.shape[0] != 1:
         raise QuantConfigError(f"cuda gemv takes exactly one row [1, K], got {tuple(x.shape)}")
@@ -93,18 +89,7 @@ def gemv(
         raise QuantConfigError("the cuda gemv needs the packed `zeros` tensor (uint8 [K/G, N])")
     if not x.is_contiguous() or x.data_ptr() % 16:
         x = x.contiguous().clone()  # the kernel reads activations 16 bytes at a time
-    norm_w, eps = rms if rms is not None else (x, 0.0)
-    if rms is not None:
-        if norm_w.dtype != torch.float16 or tuple(norm_w.shape) != (x.shape[1],) or norm_w.device != x.device:
-            raise QuantConfigError(
-                f"rms=(weight, eps): the norm weight must be float16 [{x.shape[1]}] on {x.device}, got "
-                f"{norm_w.dtype} {tuple(norm_w.shape)} on {norm_w.device}"
-            )
-        if not norm_w.is_contiguous() or norm_w.data_ptr() % 16:
-            norm_w = norm_w.contiguous().clone()
-    # the fp16 row that the packed weight checks take (with rms=, the norm weight has x's shape)
-    row = norm_w.view(1, -1) if rms is not None else x
-    _, n, k, group = check_w4a16_inputs(row, qweight, sz, zeros)
+    _, n, k, group = check_w4a16_inputs(x, qweight, sz, zeros)
     for name, t in (("qweight", qweight), ("sz", sz), ("zeros", zeros)):
         if t.device != x.device:
             raise QuantConfigError(f"{name} is on {t.device}, the activations on {x.device}")
@@ -120,10 +105,6 @@ def gemv(
         )
     n_chunks = k // PACK_K
     splits, per = plan(n_chunks, split_k)
-    if rms is not None and splits > 1:
-        raise QuantConfigError(
-            f"rms=: the norm needs all of K in each CTA (one split); got split_k={split_k} ({splits} splits)"
-        )
     tile_n = 32 * opts.warps
     tiles = -(-n // tile_n)
     dev = x.device
@@ -153,13 +134,13 @@ def gemv(
     name = (
         f"w4a16_gemv<{group}, {opts.unroll}, {opts.flush}, {REDUCE[mode]}, "
         f"{str(opts.preload).lower()}, {str(opts.pipe).lower()}, {opts.warps}, {str(opts.tc).lower()}, "
-        f"{opts.ksplit}, {str(rms is not None).lower()}>"
+        f"{opts.ksplit}>"
     )
     kern = cuda_jit.kernel(SOURCE, name, dev, OPTIONS + tuple(f"-D{d}" for d in opts.defines))
     kern(
         (tiles, splits),
         (tile_n * opts.ksplit,),
-        [x, qweight, sz, zeros, *buffers, n, k // 8, n_chunks, per, x, norm_w, float(eps)],
+        [x, qweight, sz, zeros, *buffers, n, k // 8, n_chunks, per],
         pdl=pdl.enabled(dev),
     )
     return y
@@ -194,8 +175,7 @@ def launch(
     out: torch.Tensor | None = None,
     silu: bool = False,
     reduce: str = "ordered",
-    rms: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """``w4a16.LAUNCHERS["cuda"]``: :func:`gemv` with a ``KernelConfig`` (the ``fma`` launcher's
-    signature, plus ``rms``)."""
-    return gemv(x, qweight, sz, zeros, cfg.split_k, out, reduce, silu, scratch, options_of(cfg), rms)
+    signature)."""
+    return gemv(x, qweight, sz, zeros, cfg.split_k, out, reduce, silu, scratch, options_of(cfg))

@@ -19,12 +19,6 @@
 // counter (one split: neither), the last CTA of a tile writing fp16 (REDUCE 1) or silu(gate) * up of an
 // interleaved gate/up weight (REDUCE 2). Programmatic dependent launch: weights (never written) are read
 // before griddepcontrol.wait (PRELOAD), everything else after it.
-//
-// RMS (one split only): the input is y = rmsnorm(h) @ W of a float32 row h (a residual stream) and the norm's
-// fp16 weight: each thread feeds the mma fp16(h[k] * weight[k]) and sums the h[k]^2 it read, the CTA's
-// warps (which cover K once) add those up, and the column sums are scaled by rsqrt(mean(h^2) + eps) before
-// they leave the CTA (a linear map: the norm's scale factors out of the dot products). No norm kernel, no
-// barrier before the dot products.
 
 #include "common.cuh"
 
@@ -121,62 +115,21 @@ DEV void load_stage(Stage<GROUP, UNROLL>& st, const uint4* __restrict__ wp, cons
   }
 }
 
-DEV float4 ld_nc_f4(const float4* p) {
-  float4 v;
-  asm("ld.global.nc.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
-  return v;
-}
-
-DEV u32 pack_f16x2(float lo, float hi) {  // {lo, hi} rounded to fp16, lo in the low half
-  u32 r;
-  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
-DEV float lo_f32(u32 v) { return f16_to_f32((u16)(v & 0xFFFFu)); }
-DEV float hi_f32(u32 v) { return f16_to_f32((u16)(v >> 16)); }
-
-// Where a thread's activations come from: fp16 pairs x (+ its word-row quad), or (RMS) the float32 row h and
-// the norm weight w, whose products it rounds to fp16 pairs while it sums the squares of h (ssq).
-struct Act {
-  const uint4* xp;   // x + r0 (8 fp16 a uint4)
-  const float4* hp;  // RMS: h + 2 r0 (8 floats = 2 float4 per uint4 of x)
-  const uint4* wp;   // RMS: w + r0
-  float ssq;
-};
-
-DEV u32 scaled_pair(float a, float b, u32 w, float& ssq) {
-  ssq += a * a + b * b;
-  return pack_f16x2(a * lo_f32(w), b * hi_f32(w));
-}
-
-// The thread's activation pairs of chunk c: xt[t] = slice t's pairs of its four word-rows.
-template <bool RMS>
-DEV void load_pairs(Act& a, int c, uint4 xt[4]) {
+// The thread's activation pairs of chunk c: xt[t] = slice t's pairs of its four word-rows (xp: + r0 or + c).
+DEV void load_pairs(const uint4* __restrict__ xp, int c, uint4 xt[4]) {
 #pragma unroll
-  for (int t = 0; t < 4; t++) {
-    const int i = c * 16 + 4 * t;
-    if (!RMS) {
-      xt[t] = ld_nc(a.xp + i);
-    } else {
-      const float4 h0 = ld_nc_f4(a.hp + 2 * i), h1 = ld_nc_f4(a.hp + 2 * i + 1);
-      const uint4 w = ld_nc(a.wp + i);
-      xt[t].x = scaled_pair(h0.x, h0.y, w.x, a.ssq);
-      xt[t].y = scaled_pair(h0.z, h0.w, w.y, a.ssq);
-      xt[t].z = scaled_pair(h1.x, h1.y, w.z, a.ssq);
-      xt[t].w = scaled_pair(h1.z, h1.w, w.w, a.ssq);
-    }
-  }
+  for (int t = 0; t < 4; t++) xt[t] = ld_nc(xp + c * 16 + 4 * t);
 }
 
-template <int GROUP, int UNROLL, int FLUSH, bool RMS>
-DEV void compute_stage(const Stage<GROUP, UNROLL>& st, Act& act, int c, int c_left, float acc[4]) {
+template <int GROUP, int UNROLL, int FLUSH>
+DEV void compute_stage(const Stage<GROUP, UNROLL>& st, const uint4* __restrict__ xp, int c, int c_left,
+                       float acc[4]) {
   constexpr int SPG = GROUP / 32;  // slices per group
 #pragma unroll
   for (int u = 0; u < UNROLL; u++) {
     if (u < c_left) {
       uint4 xt[4];
-      load_pairs<RMS>(act, c + u, xt);
+      load_pairs(xp, c + u, xt);
       const GroupRaw& q0 = st.q[u][0 / SPG];
       const GroupRaw& q1 = st.q[u][1 / SPG];
       const GroupRaw& q2 = st.q[u][2 / SPG];
@@ -246,14 +199,15 @@ DEV float scale_of(const GroupRaw& q, int i) {  // s * 2^24
 #endif
 constexpr int CHAINS = LMKILN_CHAINS;  // independent mma accumulators a column pair (1 or 2)
 
-template <int GROUP, int UNROLL, bool RMS>
-DEV void compute_stage_tc(const Stage<GROUP, UNROLL>& st, Act& act, int c, int c_left, float acc[4]) {
+template <int GROUP, int UNROLL>
+DEV void compute_stage_tc(const Stage<GROUP, UNROLL>& st, const uint4* __restrict__ xp, int c, int c_left,
+                          float acc[4]) {
   constexpr int SPG = GROUP / 32, NG = 128 / GROUP;
 #pragma unroll
   for (int u = 0; u < UNROLL; u++) {
     if (u < c_left) {
       uint4 xt[4];
-      load_pairs<RMS>(act, c + u, xt);
+      load_pairs(xp, c + u, xt);
       u32 d[4][4][4];  // [word-row j][column i][slice t]
 #pragma unroll
       for (int j = 0; j < 4; j++) {
@@ -303,12 +257,13 @@ DEV void compute_stage_tc(const Stage<GROUP, UNROLL>& st, Act& act, int c, int c
   }
 }
 
-template <int GROUP, int UNROLL, int FLUSH, bool TC, bool RMS>
-DEV void compute(const Stage<GROUP, UNROLL>& st, Act& act, int c, int c_left, float acc[4]) {
+template <int GROUP, int UNROLL, int FLUSH, bool TC>
+DEV void compute(const Stage<GROUP, UNROLL>& st, const uint4* __restrict__ xp, int c, int c_left,
+                 float acc[4]) {
   if (TC) {
-    compute_stage_tc<GROUP, UNROLL, RMS>(st, act, c, c_left, acc);
+    compute_stage_tc<GROUP, UNROLL>(st, xp, c, c_left, acc);
   } else {
-    compute_stage<GROUP, UNROLL, FLUSH, RMS>(st, act, c, c_left, acc);
+    compute_stage<GROUP, UNROLL, FLUSH>(st, xp, c, c_left, acc);
   }
 }
 
@@ -317,14 +272,12 @@ DEV void compute(const Stage<GROUP, UNROLL>& st, Act& act, int c, int c_left, fl
 // splits (gridDim.y) meet as REDUCE says: 0 red.global.add into the float32 `out`; 1 / 2 in split order
 // through the workspace ws (float32 [tiles, splits, T]) and the counters cnt (int32 [tiles], zero before and
 // after; with one split neither is touched), the last CTA of a tile writing fp16 `y` (2: silu(gate) * up).
-// RMS: ssq is the thread's sum of squares of h; the sums are scaled by the norm's rsqrt(ssq / K + eps) first.
-template <int WARPS, int KSPLIT, int REDUCE, bool TC, bool RMS>
+template <int WARPS, int KSPLIT, int REDUCE, bool TC>
 DEV void finish(float acc[4], float* __restrict__ out, u16* __restrict__ y, float* __restrict__ ws,
-                int* __restrict__ cnt, int N, float ssq, float inv_k, float eps) {
+                int* __restrict__ cnt, int N) {
   constexpr int T = 32 * WARPS;  // columns of a tile
   __shared__ __align__(16) float part[KSPLIT * T];  // float4 stores
   __shared__ float tile_v[REDUCE == 2 ? T : 1];
-  __shared__ float sq[RMS ? KSPLIT : 1];
   __shared__ int last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int cb = warp % WARPS, kp = warp / WARPS;
@@ -338,17 +291,7 @@ DEV void finish(float acc[4], float* __restrict__ out, u16* __restrict__ y, floa
       acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], 16);
     }
   }
-  if (RMS) {  // the warp's sum: the lanes of one column quad read each of its elements once
-    const int m1 = TC ? 1 : 8, m2 = TC ? 2 : 16;  // the word-row quad's lane bits
-    ssq += __shfl_xor_sync(0xffffffffu, ssq, m1);
-    ssq += __shfl_xor_sync(0xffffffffu, ssq, m2);
-  }
   if (KSPLIT == 1 && REDUCE == 0) {  // one partial a column: straight to the output
-    if (RMS) {
-      const float r = rsqrtf(ssq * inv_k + eps);
-#pragma unroll
-      for (int i = 0; i < 4; i++) acc[i] *= r;
-    }
     if (writer && b * 32 < N) {
       float* p = out + b * 32 + 4 * cq;
       asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1, %2, %3, %4};"
@@ -360,19 +303,12 @@ DEV void finish(float acc[4], float* __restrict__ out, u16* __restrict__ y, floa
     float4* p = reinterpret_cast<float4*>(part + kp * T + cb * 32 + 4 * cq);
     *p = make_float4(acc[0], acc[1], acc[2], acc[3]);
   }
-  if (RMS && cb == 0 && lane == 0) sq[kp] = ssq;
   __syncthreads();
   const int t = threadIdx.x, tile = blockIdx.x, col0 = tile * T;
   float s = 0.f;
   if (t < T) {
 #pragma unroll
     for (int k = 0; k < KSPLIT; k++) s += part[k * T + t];
-  }
-  if (RMS) {
-    float tot = 0.f;
-#pragma unroll
-    for (int k = 0; k < KSPLIT; k++) tot += sq[k];
-    s *= rsqrtf(tot * inv_k + eps);
   }
   if (REDUCE == 0) {
     if (t < T && col0 + t < N) {
@@ -418,16 +354,13 @@ DEV void finish(float acc[4], float* __restrict__ out, u16* __restrict__ y, floa
 }
 
 // grid (ceil(N / (32 * WARPS)), splits), 32 * WARPS * KSPLIT threads; `per` chunks a split, of which warp
-// w's k-part (w / WARPS) takes an equal share. RMS: h (float32 [K]), nw (fp16 [K]) and eps replace x.
+// w's k-part (w / WARPS) takes an equal share.
 template <int GROUP, int UNROLL, int FLUSH, int REDUCE, bool PRELOAD, bool PIPE, int WARPS, bool TC,
-          int KSPLIT, bool RMS>
-// RMS: registers capped so that 768 threads an SM still fit (the RMS loads would take the 256-thread CTAs
-// of qkv and gate/up from 80 to 81-85 registers: two CTAs an SM instead of three)
-__global__ void __launch_bounds__(32 * WARPS * KSPLIT, RMS ? 768 / (32 * WARPS * KSPLIT) : 0) w4a16_gemv(
+          int KSPLIT>
+__global__ void __launch_bounds__(32 * WARPS * KSPLIT) w4a16_gemv(
     const uint4* __restrict__ x, const uint4* __restrict__ qw, const uint4* __restrict__ sz,
     const u32* __restrict__ zp, float* __restrict__ out, u16* __restrict__ y, float* __restrict__ ws,
-    int* __restrict__ cnt, int N, int KW, int n_chunks, int per, const float4* __restrict__ h,
-    const uint4* __restrict__ nw, float eps) {
+    int* __restrict__ cnt, int N, int KW, int n_chunks, int per) {
   static_assert(REDUCE != 2 || WARPS % 2 == 0, "the SiLU epilogue needs gate/up block pairs in a tile");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int cb = warp % WARPS, kp = warp / WARPS;
@@ -439,8 +372,7 @@ __global__ void __launch_bounds__(32 * WARPS * KSPLIT, RMS ? 768 / (32 * WARPS *
   const int c_lo = s_lo + kp * per_k;
   const int c_hi = min(c_lo + per_k, s_hi);
   const uint4* wp = qw + (size_t)b * KW * 8 + (4 * r0) * 8 + cq;
-  // + 16 c + 4 t: pairs 64 c + 16 t + 4 r0 .. + 3
-  Act act{x + r0, h + 2 * r0, nw + r0, 0.f};
+  const uint4* xp = x + r0;  // + 16 c + 4 t: pairs 64 c + 16 t + 4 r0 .. + 3
 
   Stage<GROUP, UNROLL> cur;
   if (PRELOAD && c_lo < c_hi) load_stage<GROUP, UNROLL>(cur, wp, sz, zp, c_lo, c_hi - 1, N, n0);
@@ -452,13 +384,13 @@ __global__ void __launch_bounds__(32 * WARPS * KSPLIT, RMS ? 768 / (32 * WARPS *
     if (PIPE) {  // the next iteration's loads in flight while this one computes
       Stage<GROUP, UNROLL> nxt;
       if (more) load_stage<GROUP, UNROLL>(nxt, wp, sz, zp, c + UNROLL, c_hi - 1, N, n0);
-      compute<GROUP, UNROLL, FLUSH, TC, RMS>(cur, act, c, c_hi - c, acc);
+      compute<GROUP, UNROLL, FLUSH, TC>(cur, xp, c, c_hi - c, acc);
       if (more) cur = nxt;
     } else {
-      compute<GROUP, UNROLL, FLUSH, TC, RMS>(cur, act, c, c_hi - c, acc);
+      compute<GROUP, UNROLL, FLUSH, TC>(cur, xp, c, c_hi - c, acc);
       if (more) load_stage<GROUP, UNROLL>(cur, wp, sz, zp, c + UNROLL, c_hi - 1, N, n0);
     }
   }
   pdl_trigger();
-  finish<WARPS, KSPLIT, REDUCE, TC, RMS>(acc, out, y, ws, cnt, N, act.ssq, 1.0f / (8 * KW), eps);
+  finish<WARPS, KSPLIT, REDUCE, TC>(acc, out, y, ws, cnt, N);
 }

@@ -76,83 +76,31 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, silu=False)
 
-    def _atomic_config(self, m: int, dtype: torch.dtype, device: torch.device):
-        """The decode GEMV's config where its partials may be added atomically (see :meth:`matmul_acc`)."""
-        from lmkiln.kernels.dispatch import atomic_splitk_config
-
-        if device.type != "cuda" or self.bias is not None or self.packed_k != self.in_features:
-            return None
-        return atomic_splitk_config(m, self.out_features, self.packed_k, self.group_size, dtype, device)
-
-    def adds_into(self, m: int, dtype: torch.dtype, device: torch.device) -> bool:
-        """Whether :meth:`matmul_acc` adds ``m`` rows of this dtype atomically into an accumulator."""
-        return self._atomic_config(m, dtype, device) is not None
-
-    def matmul_acc(self, x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+    def matmul_acc(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """``(y, pending)``. Where the decode GEMV (``cuda`` or ``fma``, fp16, M = 1, no bias) runs, its
         split-K programs add their partials with atomics into this layer's float32 accumulator, and ``y`` is
         that accumulator's ``[M, N]`` rows, ``pending`` True: the caller must hand ``y`` to a consumer that
         reads it and zeroes it again before this layer runs again (``kernels.fused.add_rmsnorm(...,
         consume=True)`` for o / down, ``paged_attention.paged_decode(..., consume=True)`` for the fused
-        qkv). Else ``(self(x), False)``. Saves each GEMV its split-K tail (notes/engine.md, session 7).
-        ``out``: add into this float32 ``[M, N]`` tensor instead (a residual stream the caller keeps; only
-        where :meth:`adds_into` says so), which is returned with ``pending`` True."""
+        qkv). Else ``(self(x), False)``. Saves each GEMV its split-K tail (notes/engine.md, session 7)."""
+        from lmkiln.kernels.dispatch import ATOMIC_MAX_M, atomic_splitk_config
+
+        if x.device.type != "cuda" or self.bias is not None or self.packed_k != self.in_features:
+            return self(x), False
         x2 = x.reshape(-1, x.shape[-1])
         m = x2.shape[0]
-        cfg = self._atomic_config(m, x.dtype, x.device)
+        cfg = atomic_splitk_config(m, self.out_features, self.packed_k, self.group_size, x.dtype, x.device)
         if cfg is None or x.shape[-1] != self.in_features:
-            if out is not None:
-                raise QuantConfigError(
-                    f"Int4Linear.matmul_acc(out=...): no atomic GEMV for {tuple(x.shape)} {x.dtype} on "
-                    f"{x.device} (check adds_into first)"
-                )
             return self(x), False
         from lmkiln.kernels import w4a16
 
-        y = self._accumulator(x.device)[:m] if out is None else out.view(m, self.out_features)
+        if self.acc is None or self.acc.device != x.device:
+            self.acc = torch.zeros(ATOMIC_MAX_M, self.out_features, dtype=torch.float32, device=x.device)
+        y = self.acc[:m]
         w4a16.LAUNCHERS[cfg.kind](
             x2.contiguous(), self.qweight, self.sz, self.zeros, cfg, out=y, reduce="atomic"
         )
         return y.view(*x.shape[:-1], self.out_features), True
-
-    def rms_config(self, device: torch.device):
-        """The batch-1 CUDA GEMV config under which :meth:`matmul_rms` applies the RMSNorm itself, or None."""
-        from lmkiln.kernels.dispatch import rms_gemv_config
-
-        if device.type != "cuda" or self.bias is not None or self.packed_k != self.in_features:
-            return None
-        silu = getattr(self, "applies_silu", False)
-        return rms_gemv_config(self.out_features, self.packed_k, self.group_size, device, silu)
-
-    def matmul_rms(self, h: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, bool]:
-        """``rmsnorm(h) @ W`` for a float32 row ``h [1, K]`` (a residual stream) and the norm's fp16
-        ``weight``, the norm applied by the GEMV itself (only where :meth:`rms_config` gives a config):
-        ``(y, True)``, ``y`` this layer's pending float32 accumulator (as :meth:`matmul_acc`)."""
-        from lmkiln.kernels import w4a16_cuda
-
-        cfg, y = self._rms_check(h), self._accumulator(h.device)[:1]
-        w4a16_cuda.launch(
-            h, self.qweight, self.sz, self.zeros, cfg, out=y, reduce="atomic", rms=(weight, eps)
-        )
-        return y, True
-
-    def _rms_check(self, h: torch.Tensor):
-        cfg = self.rms_config(h.device)
-        if cfg is None or h.dtype != torch.float32 or tuple(h.shape) != (1, self.in_features):
-            raise QuantConfigError(
-                f"{type(self).__name__}.matmul_rms takes a float32 [1, {self.in_features}] row where "
-                f"rms_config gives a config (got {h.dtype} {tuple(h.shape)} on {h.device}, config {cfg})"
-            )
-        return cfg
-
-    def _accumulator(self, device: torch.device) -> torch.Tensor:
-        """This layer's float32 ``[ATOMIC_MAX_M, N]`` split-K accumulator (zero between a GEMV and its
-        consumer), made on first use."""
-        from lmkiln.kernels.dispatch import ATOMIC_MAX_M
-
-        if self.acc is None or self.acc.device != device:
-            self.acc = torch.zeros(ATOMIC_MAX_M, self.out_features, dtype=torch.float32, device=device)
-        return self.acc
 
     def _matmul(self, x: torch.Tensor, silu: bool) -> torch.Tensor:
         """``x @ W + b``; ``silu``: ``W`` is an interleaved gate/up weight, the result ``silu(gate) * up``."""
@@ -220,13 +168,3 @@ class Int4GateUpSiLU(Int4Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, silu=True)
-
-    def matmul_rms(self, h: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, bool]:
-        """``silu(gate) * up`` of ``rmsnorm(h) @ W`` (see :meth:`Int4Linear.matmul_rms`): ``(y, False)``,
-        ``y`` fp16 ``[1, N / 2]``."""
-        from lmkiln.kernels import w4a16_cuda
-
-        cfg = self._rms_check(h)
-        return w4a16_cuda.launch(
-            h, self.qweight, self.sz, self.zeros, cfg, self.scratch, silu=True, rms=(weight, eps)
-        ), False

@@ -149,37 +149,17 @@ class Attention(nn.Module):
             q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.qkv(x)
-        if fused:
-            return project(self.o_proj, self.attend(q, k, v, pending, cos, sin, cache, meta, backend), fused)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim).contiguous()  # a strided slice when fused
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if fused:  # the backend rotates the (strided) q/k views in place; its kernels take a strided v
+            out = backend.forward(q, k, v, cache, meta, self.head_dim**-0.5, rope=(cos, sin), pending=pending)
+            return project(self.o_proj, out.reshape(t, -1), fused)
+        v = v.contiguous()  # a strided slice when fused
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         out = backend.forward(q, k, v, cache, meta, self.head_dim**-0.5)
         return self.o_proj(out.reshape(t, -1)), False
-
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        pending: bool,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: Any,
-        meta: Any,
-        backend: Any,
-    ) -> torch.Tensor:
-        """The fused path's attention of ``q, k, v [T, *]`` (slices of one GEMM output, ``pending``: of its
-        float32 accumulator): the backend rotates the strided q/k views in place, writes the cache and takes
-        the strided v; returns ``[T, num_heads * head_dim]``, the input of ``o_proj``."""
-        t = q.shape[0]
-        q = q.reshape(t, self.num_heads, self.head_dim)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        out = backend.forward(q, k, v, cache, meta, self.head_dim**-0.5, rope=(cos, sin), pending=pending)
-        return out.reshape(t, -1)
 
 
 class MLP(nn.Module):
@@ -254,38 +234,6 @@ class DecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual, fused, pending)
         x, pending = self.mlp.forward_paged(x, fused)
         return x, residual, pending
-
-    def resident_ready(self, dtype: torch.dtype, device: torch.device) -> bool:
-        """Whether :meth:`forward_resident` can run this layer: int4 fused qkv and SiLU gate/up GEMVs that
-        apply an RMSNorm themselves (``Int4Linear.rms_config``), o / down GEMVs that add into an accumulator,
-        norm weights in ``dtype``."""
-        attn, mlp = self.self_attn, self.mlp
-        qkv, gate_up = attn.qkv_proj, mlp.gate_up_proj
-        norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight)
-        adders = (attn.o_proj, mlp.down_proj)
-        return (
-            hasattr(qkv, "rms_config")
-            and not getattr(qkv, "applies_silu", False)
-            and qkv.rms_config(device) is not None
-            and getattr(gate_up, "applies_silu", False)
-            and gate_up.rms_config(device) is not None
-            and all(hasattr(p, "adds_into") and p.adds_into(1, dtype, device) for p in adders)
-            and all(w.dtype == dtype for w in norms)
-        )
-
-    def forward_resident(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any, meta: Any, backend: Any
-    ) -> None:
-        """The layer on a residual stream ``h [1, hidden]`` kept in float32, in place: the qkv and gate/up
-        GEMVs apply the RMSNorms before them (``Int4Linear.matmul_rms``), o_proj and down_proj add their
-        outputs into ``h`` (``matmul_acc(out=h)``). Only where :meth:`resident_ready`."""
-        attn, mlp = self.self_attn, self.mlp
-        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        qkv, pending = attn.qkv_proj.matmul_rms(h, ln1.weight, ln1.eps)
-        q, k, v = qkv.split(attn.qkv_sizes, dim=-1)
-        attn.o_proj.matmul_acc(attn.attend(q, k, v, pending, cos, sin, cache, meta, backend), out=h)
-        act, _ = mlp.gate_up_proj.matmul_rms(h, ln2.weight, ln2.eps)
-        mlp.down_proj.matmul_acc(act, out=h)
 
     def fuse(
         self, qkv_proj: nn.Module, o_proj: nn.Module, gate_up_proj: nn.Module, down_proj: nn.Module
@@ -386,8 +334,6 @@ class CausalLM(nn.Module):
         cos, sin = self.rotary(positions.unsqueeze(0), x.dtype)
         cos, sin = cos[0], sin[0]
         fused = use_fused_ops(x.device)
-        if fused and self._resident(x, kv_caches, meta, backend):
-            return self._forward_resident(x, cos, sin, kv_caches, meta, backend)
         residual, pending = None, False
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
             x, residual, pending = layer.forward_paged(
@@ -396,36 +342,6 @@ class CausalLM(nn.Module):
         if residual is None:
             return self.model.norm(x, fused=fused)
         return self.model.norm(x, residual, fused, pending)[0]
-
-    def _resident(self, x: torch.Tensor, kv_caches: Sequence[Any], meta: Any, backend: Any) -> bool:
-        """Whether this step runs :meth:`_forward_resident`: one fp16 token whose q, k, v the backend takes
-        pending, every layer :meth:`DecoderLayer.resident_ready`."""
-        if x.shape[0] != 1 or x.dtype != torch.float16:
-            return False
-        if not all(backend.takes_pending_qkv(cache, meta, 1) for cache in kv_caches):
-            return False
-        return all(layer.resident_ready(x.dtype, x.device) for layer in self.model.layers)
-
-    def _forward_resident(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_caches: Sequence[Any],
-        meta: Any,
-        backend: Any,
-    ) -> torch.Tensor:
-        """A batch-1 decode step with the residual stream in float32 (:meth:`DecoderLayer.forward_resident`):
-        no norm kernel between the layers, each RMSNorm applied by the GEMV after it; only the final norm
-        runs as a kernel. The residual is not rounded to fp16 between layers (the other paths round it as
-        the HF model does): outputs equal up to that rounding."""
-        from lmkiln.kernels import fused as kf
-
-        h = x.float()
-        for layer, cache in zip(self.model.layers, kv_caches, strict=True):
-            layer.forward_resident(h, cos, sin, cache, meta, backend)
-        norm = self.model.norm
-        return kf.rmsnorm(h, norm.weight, norm.eps, out_dtype=x.dtype)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -95,17 +95,16 @@ def test_kernel_source_compiles_where_nvrtc_loads():
     src = cuda_jit.read_source(w4a16_cuda.SOURCE)
     for g in (32, 64, 128):
         for reduce in (0, 1, 2):
-            for tc, ksplit, rms in (("true", 1, "false"), ("false", 1, "false"), ("true", 4, "true")):
+            for tc, ksplit in (("true", 1), ("false", 1), ("true", 4)):
                 cubin, name = cuda_jit.compile_cubin(
                     src,
-                    f"w4a16_gemv<{g}, 1, 1, {reduce}, true, false, 4, {tc}, {ksplit}, {rms}>",
+                    f"w4a16_gemv<{g}, 1, 1, {reduce}, true, false, 4, {tc}, {ksplit}>",
                     "sm_90",
                     w4a16_cuda.OPTIONS,
                 )
                 assert cubin[:4] == b"\x7fELF" and name.startswith("_Z10w4a16_gemv")
     with pytest.raises(RuntimeError, match="could not compile"):
-        odd_warps = "w4a16_gemv<128, 1, 1, 2, true, false, 1, true, 1, false>"  # SiLU with one column block
-        cuda_jit.compile_cubin(src, odd_warps, "sm_90")
+        cuda_jit.compile_cubin(src, "w4a16_gemv<128, 1, 1, 2, true, false, 1, true, 1>", "sm_90")  # odd warps
 
 
 def test_missing_nvrtc_is_reported(monkeypatch):
@@ -119,9 +118,7 @@ def test_missing_nvrtc_is_reported(monkeypatch):
             cuda_jit.nvrtc()
         with pytest.raises(KernelInputError, match="CUDA device"):
             cuda_jit.kernel(
-                "w4a16_gemv.cu",
-                "w4a16_gemv<128, 1, 1, 0, true, false, 4, true, 1, false>",
-                torch.device("cpu"),
+                "w4a16_gemv.cu", "w4a16_gemv<128, 1, 1, 0, true, false, 4, true, 1>", torch.device("cpu")
             )
     finally:
         cuda_jit.nvrtc.cache_clear()
