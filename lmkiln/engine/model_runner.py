@@ -183,8 +183,6 @@ class DecodeGraphs:
         sizes: list[int],
         max_blocks: int,
         block_size: int,
-        hidden_size: int,
-        dtype: torch.dtype,
         device: torch.device,
         side_stream: bool = True,
     ) -> None:
@@ -205,7 +203,6 @@ class DecodeGraphs:
             self.sink_idx = torch.full((b,), -1, dtype=torch.int32, device=device)
             self.sink_slot = torch.full((b,), -1, dtype=torch.long, device=device)
             self.inputs += ("sink_idx", "sink_slot")
-        self.hidden = torch.zeros(b, hidden_size, dtype=dtype, device=device)
         # rows whose input is a token of the step in flight, and where that step's tokens hold it
         self.pending_rows = torch.zeros(b, dtype=torch.long, device=device)
         self.pending_src = torch.zeros(b, dtype=torch.long, device=device)
@@ -213,6 +210,7 @@ class DecodeGraphs:
         staged = [getattr(self, name) for name in self.inputs] + [self.pending_rows, self.pending_src]
         self.staging = StagedCopy(staged, side_stream=side_stream)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}  # each graph's hidden states [b, hidden], its own memory
         self.pool = None
 
     def _meta(self, b: int) -> AttentionMetadata:
@@ -227,11 +225,10 @@ class DecodeGraphs:
             sink_slot=None if self.sink_slot is None else self.sink_slot[:b],
         )
 
-    def _forward(self, b: int) -> None:
-        out = self.model.forward_paged(
+    def _forward(self, b: int) -> torch.Tensor:
+        return self.model.forward_paged(
             self.input_ids[:b], self.positions[:b], self.kv_caches, self._meta(b), self.backend
         )
-        self.hidden[:b].copy_(out)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -240,10 +237,10 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             self._forward(b)  # warm up: compile / tune the kernels outside the capture
             with torch.cuda.graph(graph, self.pool):
-                self._forward(b)
+                out = self._forward(b)
             if self.pool is None:
                 self.pool = graph.pool()
-            self.graphs[b] = graph
+            self.graphs[b], self.outputs[b] = graph, out
             torch.cuda.synchronize()
 
     def can_run(self, step: StepInputs) -> bool:
@@ -272,10 +269,11 @@ class DecodeGraphs:
         graph = self.graphs.get(b)
         if graph is not None:
             graph.replay()
+            out = self.outputs[b]  # overwritten by this graph's next replay
         else:
-            self._forward(b)
+            out = self._forward(b)
         self.staging.release()  # the next step's inputs may land once this step's forward is done
-        return self.hidden[:n]
+        return out[:n]
 
 
 @dataclass
@@ -390,6 +388,9 @@ class ModelRunner:
         )
         self.session_len = config.session_len or cfg.max_position_embeddings
         self.max_blocks = -(-self.session_len // config.block_size)  # block-table width in the graphs
+        rotary = getattr(self.model, "rotary", None)
+        if hasattr(rotary, "build_table"):  # cos / sin of every position a sequence reaches, gathered a step
+            rotary.build_table(self.session_len, loaded.dtype, self.device)
         self.max_num_seqs = min(config.max_num_seqs, num_blocks)
         # input and output copies of decode steps off the compute stream (LMKILN_SIDE_COPIES=0: on it)
         cuda = self.device.type == "cuda"
@@ -415,7 +416,6 @@ class ModelRunner:
 
     def enable_decode_graphs(self, capture: bool = True) -> None:
         """Run decode steps through :class:`DecodeGraphs` (``capture``: record CUDA graphs; CUDA only)."""
-        cfg = self.loaded.config
         if capture and getattr(self.backend, "name", "torch") == "torch":
             log.warning(
                 "the %s attention backend cannot be captured in CUDA graphs (it syncs with the host); "
@@ -430,8 +430,6 @@ class ModelRunner:
             graph_batch_sizes(self.max_num_seqs),
             self.max_blocks,
             self.block_size,
-            cfg.hidden_size,
-            self.loaded.dtype,
             self.device,
             self.side_copies,
         )

@@ -109,3 +109,32 @@ def test_shape_mismatch_is_reported(tmp_path, tiny_llama_dir):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match=r"does not match|implies"):
         CausalLM.from_checkpoint(Checkpoint(d))
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        None,
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 64},
+        {"rope_type": "dynamic", "factor": 2.0},
+    ],
+)
+def test_rotary_table_gathers_what_the_rotary_computes(tmp_path, make_tiny_model, rope):
+    """The decode step's cos / sin gathered from the precomputed table equal computing them, bit for bit;
+    a rope type whose frequencies depend on the positions seen (dynamic) builds no table and computes."""
+    from lmkiln.models.llama import Rotary
+
+    over = {} if rope is None else {"rope_scaling": rope}
+    path = make_tiny_model(tmp_path / "rope", "llama", **over)
+    rotary = Rotary(ModelConfig.from_dir(path))
+    positions = torch.tensor([0, 5, 63, 127, 7])
+    want = [t[0] for t in rotary(positions[None], torch.float16)]
+    built = rotary.build_table(128, torch.float16, torch.device("cpu"))
+    assert built == (rope is None or rope["rope_type"] != "dynamic")
+    assert (rotary.table is not None) == built
+    for got, ref in zip(rotary.at(positions, torch.float16), want, strict=True):
+        assert got.shape == (5, rotary.table[0].shape[1] if built else ref.shape[1])
+        assert torch.equal(got, ref)
+    # another dtype than the table's: computed
+    assert torch.equal(rotary.at(positions, torch.float32)[0], rotary(positions[None], torch.float32)[0][0])
