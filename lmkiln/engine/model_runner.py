@@ -43,6 +43,8 @@ from lmkiln.engine.transfer import StagedCopy, to_device
 from lmkiln.models.llama import use_fused_ops
 
 log = logging.getLogger(__name__)
+# 0: a decode step's input copies and its tokens' copy to the host on the compute stream (an A/B switch)
+SIDE_COPIES_ENV = "LMKILN_SIDE_COPIES"
 
 
 def _host_available_bytes() -> int:
@@ -394,7 +396,12 @@ class ModelRunner:
         self.max_num_seqs = min(config.max_num_seqs, num_blocks)
         # input and output copies of decode steps off the compute stream (LMKILN_SIDE_COPIES=0: on it)
         cuda = self.device.type == "cuda"
-        self.side_copies = cuda and os.environ.get("LMKILN_SIDE_COPIES", "1") != "0"
+        choice = os.environ.get(SIDE_COPIES_ENV, "").strip()
+        if choice not in ("", "0", "1"):
+            raise EngineConfigError(
+                f"{SIDE_COPIES_ENV}={choice!r}: use 0 (copies on the compute stream), 1 or leave it unset"
+            )
+        self.side_copies = cuda and choice != "0"
         self._d2h_stream = torch.cuda.Stream(self.device) if self.side_copies else None
         self.decode_graphs: DecodeGraphs | None = None
         if cuda and not config.eager:

@@ -86,3 +86,14 @@ def test_padded_decode_path_matches_eager(tiny_llama_dir, quant_policy) -> None:
         assert [x.logprob for x in a.logprobs] == pytest.approx([x.logprob for x in b.logprobs], abs=1e-5)
     assert runner.backend.padded_calls >= 8 * eng.model_config.num_layers  # decode steps ran padded
     assert torch.equal(graphs.slot_mapping[3:], torch.full((3,), -1))
+
+
+def test_side_copies_switch_is_validated(tiny_llama_dir, monkeypatch) -> None:
+    """``LMKILN_SIDE_COPIES``: 0 / 1 / unset; anything else is an error naming the choices. On the CPU there
+    is no side stream either way (the copies go straight into the buffers)."""
+    monkeypatch.setenv("LMKILN_SIDE_COPIES", "yes")
+    with pytest.raises(EngineConfigError, match="LMKILN_SIDE_COPIES='yes'"):
+        LLMEngine.from_pretrained(tiny_llama_dir, cache_max_entry_count=16, session_len=64)
+    monkeypatch.setenv("LMKILN_SIDE_COPIES", "1")
+    eng = LLMEngine.from_pretrained(tiny_llama_dir, cache_max_entry_count=16, session_len=64)
+    assert not eng.runner.side_copies
