@@ -134,7 +134,6 @@ def test_rotary_table_gathers_what_the_rotary_computes(tmp_path, make_tiny_model
     assert built == (rope is None or rope["rope_type"] != "dynamic")
     assert (rotary.table is not None) == built
     for got, ref in zip(rotary.at(positions, torch.float16), want, strict=True):
-        assert got.shape == (5, rotary.table[0].shape[1] if built else ref.shape[1])
-        assert torch.equal(got, ref)
+        assert got.shape == ref.shape and torch.equal(got, ref)
     # another dtype than the table's: computed
     assert torch.equal(rotary.at(positions, torch.float32)[0], rotary(positions[None], torch.float32)[0][0])
