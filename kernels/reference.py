@@ -76,6 +76,19 @@ def check_w4a16_inputs(
     return x.shape[0], n, k, k // sz.shape[0]
 
 
+def check_scratch(scratch: torch.Tensor | None, tiles: int, device: torch.device) -> torch.Tensor:
+    """``scratch`` (zeroed int32 split-K counters, at least ``tiles`` on ``device``), validated; zeros made
+    here if None. Shared by the Triton and CUDA launchers."""
+    if scratch is None:
+        return torch.zeros(tiles, dtype=torch.int32, device=device)
+    if scratch.dtype != torch.int32 or scratch.device != device or scratch.numel() < tiles:
+        raise QuantConfigError(
+            f"split-K scratch must be a zeroed int32 tensor with at least {tiles} elements on {device}, got "
+            f"{scratch.dtype} [{scratch.numel()}] on {scratch.device}; make one with w4a16.make_scratch()"
+        )
+    return scratch
+
+
 def dequant_ref(qweight: torch.Tensor, sz: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``W [K, N]`` from packed tensors, rounded once to ``dtype``."""
     return dequantize_packed(qweight, sz).to(dtype)

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from lmkiln.kernels import pdl, w4a16_cuda
 from lmkiln.kernels.dispatch import KERNEL_KINDS
-from lmkiln.kernels.reference import check_w4a16_inputs
+from lmkiln.kernels.reference import check_scratch, check_w4a16_inputs
 from triton.language.extra import libdevice
 
 from lmkiln.errors import QuantConfigError
@@ -985,17 +985,6 @@ def _check_pow2(value: int, least: int, what: str) -> None:
         raise QuantConfigError(f"{what} must be a power of two >= {least}, got {value}")
 
 
-def _check_scratch(scratch: torch.Tensor | None, tiles: int, device: torch.device) -> torch.Tensor:
-    if scratch is None:
-        return torch.zeros(tiles, dtype=torch.int32, device=device)
-    if scratch.dtype != torch.int32 or scratch.device != device or scratch.numel() < tiles:
-        raise QuantConfigError(
-            f"split-K scratch must be a zeroed int32 tensor with at least {tiles} elements on {device}, got "
-            f"{scratch.dtype} [{scratch.numel()}] on {scratch.device}; make one with make_scratch()"
-        )
-    return scratch
-
-
 def _split_buffers(
     scratch: torch.Tensor | None, tiles: int, split: int, tile_elems: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1005,7 +994,7 @@ def _split_buffers(
             torch.empty(1, dtype=torch.int32, device=device),
             torch.empty(1, dtype=torch.float32, device=device),
         )
-    cnt = _check_scratch(scratch, tiles, device)
+    cnt = check_scratch(scratch, tiles, device)
     return cnt, torch.empty((tiles * split * tile_elems,), dtype=torch.float32, device=device)
 
 

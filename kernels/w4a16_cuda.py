@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from lmkiln.kernels import cuda_jit, pdl
-from lmkiln.kernels.reference import check_w4a16_inputs
+from lmkiln.kernels.reference import check_scratch, check_w4a16_inputs
 
 from lmkiln.errors import QuantConfigError
 from lmkiln.quant.pack import GATE_UP_BLOCK, PACK_K
@@ -124,10 +124,7 @@ def gemv(
             raise QuantConfigError(
                 f"out must be a contiguous float16 [1, {width}], got {y.dtype} {tuple(y.shape)}"
             )
-        if scratch is None:
-            scratch = torch.zeros(tiles, dtype=torch.int32, device=dev)
-        if scratch.dtype != torch.int32 or scratch.numel() < tiles or scratch.device != dev:
-            raise QuantConfigError(f"scratch must be a zeroed int32 tensor of >= {tiles} counters on {dev}")
+        scratch = check_scratch(scratch, tiles, dev)
         # the split-K workspace (one split: none, partials meet in shared memory)
         ws = torch.empty(tiles * splits * tile_n if splits > 1 else 1, dtype=torch.float32, device=dev)
         buffers = [ws, y, ws, scratch]  # float32 out unused

@@ -262,12 +262,10 @@ class DecodeGraphs:
         p = pad_decode_inputs(step, b, self.max_blocks)
         values = [getattr(p, name) for name in self.inputs]
         values = [v if v is not None else [-1] * b for v in values]  # no sink entries: -1
-        if pending is None:
-            self.staging.copy([*values, [], []])
-        else:
-            self.staging.copy([*values, pending.rows, pending.src])
-            k = len(pending.rows)
-            pending.write(self.input_ids, self.pending_rows[:k], self.pending_src[:k])
+        rows, src = (pending.rows, pending.src) if pending is not None else ([], [])
+        self.staging.copy([*values, rows, src])
+        if pending is not None:
+            pending.write(self.input_ids, self.pending_rows[: len(rows)], self.pending_src[: len(src)])
         graph = self.graphs.get(b)
         if graph is not None:
             graph.replay()
